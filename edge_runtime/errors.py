@@ -1,0 +1,11 @@
+"""Error types the CLIs turn into one-line messages and exit codes (DESIGN §9)."""
+
+
+class BadInput(Exception):
+    """Input we refuse: a file, value or bundle that is unusable. CLI exit code 2."""
+
+    exit_code = 2
+
+
+class BundleError(BadInput):
+    """A bundle that is missing, incomplete, tampered or wrongly signed."""

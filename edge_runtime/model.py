@@ -1,0 +1,110 @@
+"""Inference on the clinic: per-modality encoder sessions plus the head, from a verified bundle.
+
+Absent modalities cost nothing: their encoders are not run, the head masks them out.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from . import MODALITIES
+from .bundle import Bundle
+from .errors import BadInput, BundleError
+from .preprocess import Preprocessing, prepare_case
+from .synthetic import Case
+
+
+@dataclass(frozen=True)
+class Prediction:
+    case_id: str
+    probability: float  # of the positive (last) class
+    label: str
+    modalities: tuple[str, ...]
+    latency_ms: float  # preprocessing + encoders + head
+
+    def to_dict(self) -> dict:
+        return {
+            "case_id": self.case_id,
+            "probability": round(self.probability, 6),
+            "label": self.label,
+            "modalities": list(self.modalities),
+            "latency_ms": round(self.latency_ms, 3),
+        }
+
+
+def session_options(threads: int) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return opts
+
+
+class EdgeModel:
+    """Encoder sessions for every modality plus the head; ``predict`` runs one case."""
+
+    def __init__(
+        self, encoder_files: dict[str, Path], head_file: Path, preprocessing: Preprocessing,
+        classes: list[str], dim: int, threads: int = 2,
+    ) -> None:
+        opts = session_options(threads)
+        providers = ["CPUExecutionProvider"]
+        self.encoders = {m: ort.InferenceSession(str(encoder_files[m]), opts, providers=providers) for m in MODALITIES}
+        self.head = ort.InferenceSession(str(head_file), opts, providers=providers)
+        self.preprocessing = preprocessing
+        self.classes = classes
+        self.dim = dim
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle, variant: str | None = None, threads: int = 2) -> "EdgeModel":
+        manifest = bundle.manifest
+        variants = {v["name"]: v for v in manifest["variants"]}
+        name = variant or manifest["default_variant"]
+        if name not in variants:
+            raise BundleError(f"{bundle.root}: no encoder variant {name!r} (has {', '.join(variants)})")
+        files = {m: bundle.path(f) for m, f in variants[name]["encoders"].items()}
+        return cls(
+            files, bundle.path(manifest["head"]["file"]), bundle.preprocessing,
+            bundle.classes, int(manifest["embedding_dim"]), threads,
+        )
+
+    def embed(self, modality: str, x: np.ndarray) -> np.ndarray:
+        """Encoder output for one case; several pathology tiles are averaged into one embedding."""
+        (out,) = self.encoders[modality].run(None, {"x": x})
+        return out.mean(axis=0)
+
+    def logits(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        if not inputs:
+            raise BadInput("case has no usable modality")
+        emb = np.zeros((1, len(MODALITIES), self.dim), dtype=np.float32)
+        mask = np.zeros((1, len(MODALITIES)), dtype=np.float32)
+        for i, m in enumerate(MODALITIES):
+            if m in inputs:
+                emb[0, i] = self.embed(m, inputs[m])
+                mask[0, i] = 1.0
+        (logits,) = self.head.run(None, {"embeddings": emb, "mask": mask})
+        return logits[0]
+
+    def predict(self, case: Case) -> Prediction:
+        start = time.perf_counter()
+        inputs = prepare_case(case, self.preprocessing)
+        probs = softmax(self.logits(inputs))
+        latency = (time.perf_counter() - start) * 1e3
+        return Prediction(
+            case_id=case.case_id,
+            probability=float(probs[-1]),
+            label=self.classes[int(np.argmax(probs))],
+            modalities=tuple(m for m in MODALITIES if m in inputs),
+            latency_ms=latency,
+        )
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.exp(logits - logits.max())
+    return z / z.sum()

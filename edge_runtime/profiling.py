@@ -1,0 +1,75 @@
+"""Latency percentiles and whole-process peak memory against the clinic budgets."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from .model import EdgeModel
+from .synthetic import Case
+
+WARMUP_CASES = 2  # first sessions runs allocate arenas; they are run but not counted
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process since it started (imports included), in MB."""
+    if sys.platform == "win32":
+        import psutil
+
+        return psutil.Process().memory_info().peak_wset / 1e6
+    import resource
+
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kib * (1 if sys.platform == "darwin" else 1024) / 1e6
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    arr = np.asarray(values, dtype=np.float64)
+    return {f"p{q}": round(float(np.percentile(arr, q)), 3) for q in (50, 95, 99)}
+
+
+@dataclass
+class ProfileResult:
+    latencies_ms: list[float]
+    by_modalities: dict[str, list[float]]
+    peak_rss_mb: float
+    mem_budget_mb: float
+    latency_budget_ms: float
+
+    @property
+    def latency(self) -> dict[str, float]:
+        return percentiles(self.latencies_ms)
+
+    @property
+    def passed(self) -> bool:
+        return self.latency["p95"] <= self.latency_budget_ms and self.peak_rss_mb <= self.mem_budget_mb
+
+    def to_dict(self) -> dict:
+        return {
+            "cases": len(self.latencies_ms),
+            "latency_ms": self.latency,
+            "latency_ms_by_modalities": {
+                k: {"cases": len(v), **percentiles(v)} for k, v in sorted(self.by_modalities.items())
+            },
+            "peak_rss_mb": round(self.peak_rss_mb, 1),
+            "budgets": {"mem_mb": self.mem_budget_mb, "latency_ms": self.latency_budget_ms},
+            "pass": self.passed,
+            "pid": os.getpid(),
+        }
+
+
+def profile(model: EdgeModel, cases: Iterable[Case], mem_budget_mb: float, latency_budget_ms: float) -> ProfileResult:
+    """Run every case through ``model``; the pass criterion is p95 latency and peak RSS."""
+    latencies: list[float] = []
+    by_mod: dict[str, list[float]] = {}
+    for i, case in enumerate(cases):
+        pred = model.predict(case)
+        if i < WARMUP_CASES:
+            continue
+        latencies.append(pred.latency_ms)
+        by_mod.setdefault("+".join(pred.modalities), []).append(pred.latency_ms)
+    return ProfileResult(latencies, by_mod, peak_rss_mb(), mem_budget_mb, latency_budget_ms)

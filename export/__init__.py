@@ -1,0 +1,1 @@
+"""Server-side export pipeline: teacher training, distillation, ONNX export, bundle. Needs torch."""

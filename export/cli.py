@@ -1,0 +1,55 @@
+"""`edge-export`: the server-side export pipeline. Thin over the library; exit 2 on bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from edge_runtime.cliutil import handle_errors
+
+from .config import CONFIGS, get_config
+
+
+@click.group()
+@click.version_option(package_name="dwfl-edge")
+def main() -> None:
+    """dwfl-edge export pipeline: train, distill, export to ONNX, quantize, sign bundles."""
+
+
+@main.command()
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder (bundle/, bundle.pub, report.json).")
+@click.option("--config", "config_name", default="tiny", show_default=True, type=click.Choice(sorted(CONFIGS)), help="Model/training size.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Seed of data, init and training.")
+@click.option("--signing-key", type=click.Path(path_type=Path), default=None,
+              help="Ed25519 private key (PEM). Without it a new key is made and saved as OUT/signing_key.pem (0600).")
+@click.option("--model-version", default="1", show_default=True, help="Version string written into the bundle.")
+@click.option("--threads", default=2, show_default=True, type=click.IntRange(1, 256), help="torch threads.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@handle_errors
+def pipeline(out: Path, config_name: str, seed: int, signing_key: Path | None, model_version: str, threads: int, as_json: bool) -> None:
+    """Synthetic cohort -> teacher -> distilled student -> ONNX -> INT8 -> signed bundle."""
+    import torch  # late: `--help` stays fast
+
+    from .pipeline import run_pipeline
+
+    torch.set_num_threads(threads)
+    log = (lambda msg: click.echo(msg, err=True)) if as_json else click.echo
+    result = run_pipeline(out, get_config(config_name), seed, signing_key, model_version, log)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    click.echo("")
+    click.echo(f"{'model':<14}{'AUC':>8}{'size KB':>10}")
+    head = result.sizes_bytes["head"]
+    sizes = {"student_fp32": result.sizes_bytes["encoders_fp32"] + head, "student_int8": result.sizes_bytes["encoders_int8"] + head}
+    for name, auc in result.auc.items():
+        size = f"{sizes[name] / 1e3:.0f}" if name in sizes else "-"
+        click.echo(f"{name:<14}{auc:>8.4f}{size:>10}")
+    click.echo(f"parameters: teacher {result.parameters['teacher']:,}  student {result.parameters['student']:,}")
+    click.echo(f"bundle: {result.bundle_dir}   trusted key: {result.public_key}")
+
+
+if __name__ == "__main__":
+    main()

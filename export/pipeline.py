@@ -1,0 +1,192 @@
+"""The export pipeline end to end: synthetic cohort -> teacher -> student -> ONNX -> INT8 -> bundle.
+
+Intermediate files live in a temporary folder under ``out``; the bundle is written atomically at the
+end, so a failure at any step leaves no half bundle behind.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edge_runtime import MODALITIES
+from edge_runtime.bundle import default_public_key_path, write_bundle
+from edge_runtime.errors import BadInput
+from edge_runtime.fsutil import write_atomic
+from edge_runtime.keys import generate_key, load_private_key, save_private_key, save_public_key
+from edge_runtime.metrics import roc_auc
+from edge_runtime.model import EdgeModel
+from edge_runtime.preprocess import Preprocessing, prepare_case
+from edge_runtime.synthetic import SynthConfig, SyntheticCohort
+from quantize.calibration import StreamingReader
+from quantize.static import quantize_int8
+
+from .config import PipelineConfig
+from .data import batches
+from .models import Student, Teacher, count_parameters
+from .onnx_export import export_student
+from .stats import fit_preprocessing
+from .train import distill, positive_probability, train_teacher
+
+DEFAULT_BUDGETS = {"mem_mb": 1800.0, "latency_ms": 200.0}
+BUNDLE_DIR = "bundle"
+SIGNING_KEY = "signing_key.pem"
+
+
+@dataclass
+class PipelineResult:
+    bundle_dir: Path
+    public_key: Path
+    auc: dict[str, float]
+    sizes_bytes: dict[str, int]
+    parameters: dict[str, int]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {
+            "bundle": str(self.bundle_dir),
+            "public_key": str(self.public_key),
+            "auc": self.auc,
+            "sizes_bytes": self.sizes_bytes,
+            "parameters": self.parameters,
+            "seconds": self.seconds,
+        }
+
+
+@dataclass(frozen=True)
+class Splits:
+    train: range
+    test: range
+    calib: range
+
+    @classmethod
+    def of(cls, cfg: PipelineConfig) -> "Splits":
+        t = cfg.train
+        # Test cases sit far from the training indices; calibration reuses training cases.
+        return cls(train=range(0, t.train_cases), test=range(1_000_000, 1_000_000 + t.test_cases), calib=range(0, t.calib_cases))
+
+
+def _calibration_inputs(cohort: SyntheticCohort, pre: Preprocessing, indices: range, modality: str) -> Iterator[dict[str, np.ndarray]]:
+    for case in cohort.iter_cases(indices.start, len(indices)):
+        prepared = prepare_case(case, pre)
+        if modality in prepared:
+            yield {"x": prepared[modality]}
+
+
+def evaluate(
+    cohort: SyntheticCohort, pre: Preprocessing, indices: range, teacher: torch.nn.Module, models: dict[str, EdgeModel], batch_size: int
+) -> dict[str, float]:
+    """AUC of the torch teacher and of each ONNX model on the same held-out cases, in one pass."""
+    labels, scores = [], {"teacher": [], **{name: [] for name in models}}
+    for batch in batches(cohort, pre, indices, batch_size):
+        labels.extend(batch.labels.tolist())
+        scores["teacher"].extend(positive_probability(teacher, batch).tolist())
+    for case in cohort.iter_cases(indices.start, len(indices)):
+        for name, model in models.items():
+            scores[name].append(model.predict(case).probability)
+    return {name: round(roc_auc(np.asarray(labels), np.asarray(s)), 4) for name, s in scores.items()}
+
+
+def _signing_key(out: Path, key_path: Path | None):
+    if key_path is not None:
+        return load_private_key(key_path), None
+    return generate_key(), out / SIGNING_KEY
+
+
+def run_pipeline(
+    out: Path, cfg: PipelineConfig, seed: int = 0, signing_key: Path | None = None,
+    model_version: str = "1", log: Callable[[str], None] = print,
+) -> PipelineResult:
+    if seed < 0:
+        raise BadInput(f"seed must be >= 0, got {seed}")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"{out}: exists and is not a directory")
+    key, new_key_path = _signing_key(out, signing_key)  # fail on a bad key before hours of training
+    torch.manual_seed(seed)
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(step: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[step] = round(now - clock, 2)
+        clock = now
+
+    cohort = SyntheticCohort(SynthConfig(seed=seed, n_sites=cfg.n_sites, spec=cfg.input))
+    splits = Splits.of(cfg)
+    n_genes, n_classes = cfg.input.n_genes, len(cfg.classes)
+    pre = fit_preprocessing(cohort.iter_cases(0, min(cfg.train.stats_cases, cfg.train.train_cases)), cfg.input)
+    lap("statistics")
+
+    teacher = train_teacher(Teacher(cfg.model, n_genes, n_classes, cfg.train.contrastive_temperature), cohort, pre, splits.train, cfg.train, seed, log)
+    lap("teacher")
+    student = distill(Student(cfg.model, n_genes, n_classes), teacher, cohort, pre, splits.train, cfg.train, seed, log)
+    lap("distill")
+
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out, prefix=".work-") as work_dir:
+        work = Path(work_dir)
+        fp32 = export_student(student, pre, work / "fp32", seed)
+        log("exported ONNX encoders and head; parity with torch within 1e-4")
+        lap("export")
+        int8: dict[str, Path] = {}
+        (work / "int8").mkdir()
+        for m in MODALITIES:
+            reader = StreamingReader(lambda m=m: _calibration_inputs(cohort, pre, splits.calib, m))
+            int8[m] = quantize_int8(fp32[m], work / "int8" / f"{m}.onnx", reader)
+        log(f"quantized encoders to INT8 (calibration: {len(splits.calib)} streamed cases)")
+        lap("quantize")
+
+        models = {
+            "student_fp32": EdgeModel(fp32, fp32["head"], pre, list(cfg.classes), cfg.model.dim),
+            "student_int8": EdgeModel(int8, fp32["head"], pre, list(cfg.classes), cfg.model.dim),
+        }
+        auc = evaluate(cohort, pre, splits.test, teacher, models, cfg.train.batch_size)
+        del models
+        lap("evaluate")
+
+        files = {"head.onnx": fp32["head"]}
+        files.update({f"encoders/int8/{m}.onnx": int8[m] for m in MODALITIES})
+        files.update({f"encoders/fp32/{m}.onnx": fp32[m] for m in MODALITIES})
+        sizes = {"head": fp32["head"].stat().st_size}
+        sizes.update({f"encoders_{v}": sum(p[m].stat().st_size for m in MODALITIES) for v, p in (("fp32", fp32), ("int8", int8))})
+        params = {"teacher": count_parameters(teacher), "student": count_parameters(student)}
+        body = {
+            "model_version": model_version,
+            "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "config": cfg.name,
+            "classes": list(cfg.classes),
+            "modalities": list(MODALITIES),
+            "embedding_dim": cfg.model.dim,
+            "preprocessing": pre.to_dict(),
+            "synthetic": {"seed": seed, "n_sites": cfg.n_sites},
+            "head": {"file": "head.onnx", "format": "onnx-fp32"},
+            "variants": [
+                {"name": "int8", "encoders": {m: f"encoders/int8/{m}.onnx" for m in MODALITIES}, "auc": auc["student_int8"],
+                 "quantization": "QDQ per-channel U8/S8 MinMax reduce_range"},
+                {"name": "fp32", "encoders": {m: f"encoders/fp32/{m}.onnx" for m in MODALITIES}, "auc": auc["student_fp32"]},
+            ],
+            "default_variant": "int8",
+            "metrics": {"test_cases": len(splits.test), "auc": auc, "parameters": params},
+            "budgets": DEFAULT_BUDGETS,
+        }
+        bundle_dir = out / BUNDLE_DIR
+        write_bundle(bundle_dir, files, body, key)
+    public_key = default_public_key_path(bundle_dir)
+    save_public_key(key.public_key(), public_key)
+    if new_key_path is not None:
+        save_private_key(key, new_key_path)
+    torch.save({"teacher": teacher.state_dict(), "student": student.state_dict(), "config": cfg.name}, out / "checkpoints.pt")
+    lap("bundle")
+    result = PipelineResult(bundle_dir, public_key, auc, sizes, params, seconds)
+    write_atomic(out / "report.json", json.dumps(result.to_dict(), indent=2).encode())
+    return result

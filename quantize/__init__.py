@@ -1,0 +1,1 @@
+"""Static INT8 quantization of the student encoders with onnxruntime.quantization (DESIGN §7)."""

@@ -1,0 +1,51 @@
+"""Shared fixtures: one micro bundle built through the real CLI, and a torch-free CLI runner."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# Runs a CLI with torch made unimportable: proves the clinic path never needs it.
+NO_TORCH = (
+    "import sys; sys.modules['torch'] = None; "
+    "from {module} import main; sys.argv[0] = '{prog}'; main()"
+)
+
+
+def run_cli(module: str, prog: str, *args: str, block_torch: bool = False, timeout: float = 600) -> subprocess.CompletedProcess:
+    if block_torch:
+        cmd = [sys.executable, "-c", NO_TORCH.format(module=module, prog=prog), *args]
+    else:
+        cmd = [sys.executable, "-m", module, *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def edge_run(*args: str, block_torch: bool = True) -> subprocess.CompletedProcess:
+    return run_cli("edge_runtime.cli", "edge-run", *args, block_torch=block_torch)
+
+
+def edge_export(*args: str) -> subprocess.CompletedProcess:
+    return run_cli("export.cli", "edge-export", *args)
+
+
+@pytest.fixture(scope="session")
+def micro_out(tmp_path_factory) -> Path:
+    """Output folder of `edge-export pipeline --config micro`, built once per test session."""
+    out = tmp_path_factory.mktemp("micro") / "out"
+    proc = edge_export("pipeline", "--out", str(out), "--config", "micro", "--seed", "3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.fixture
+def micro_bundle_copy(micro_out: Path, tmp_path: Path) -> Path:
+    """A private copy of the micro bundle and its key, safe to tamper with."""
+    import shutil
+
+    dest = tmp_path / "bundle"
+    shutil.copytree(micro_out / "bundle", dest)
+    shutil.copy(micro_out / "bundle.pub", tmp_path / "bundle.pub")
+    return dest

@@ -1,0 +1,87 @@
+import pytest
+import torch
+
+from edge_runtime import MODALITIES
+from export.config import MICRO, TrainConfig
+from export.models import GatedAttentionFusion, Student, Teacher
+from export.train import distillation_loss, drop_modalities
+
+G = MICRO.input.n_genes
+
+
+def _inputs(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    d, h, w = MICRO.input.ct_grid
+    t = MICRO.input.tile
+    return {
+        "ct": torch.randn(n, 1, d, h, w, generator=g),
+        "pathology": torch.randn(n, 3, t, t, generator=g),
+        "genomics": torch.randn(n, G, generator=g),
+    }
+
+
+@pytest.mark.parametrize("cls", [Teacher, Student])
+def test_shapes_and_absent_modalities_do_not_leak(cls):
+    torch.manual_seed(0)
+    model = cls(MICRO.model, G, 2).eval()
+    x = _inputs(4)
+    mask = torch.tensor([[1, 1, 1], [0, 1, 1], [1, 0, 0], [0, 0, 1]], dtype=torch.float32)
+    with torch.no_grad():
+        logits, emb = model(x, mask)
+        assert logits.shape == (4, 2) and emb.shape == (4, 3, MICRO.model.dim)
+        assert torch.all(emb[mask == 0] == 0)
+        # Changing what sits in an absent modality's slot must not change anything.
+        x2 = {m: v.clone() for m, v in x.items()}
+        x2["ct"][1] += 100.0
+        x2["pathology"][2] -= 50.0
+        logits2, _ = model(x2, mask)
+    assert torch.allclose(logits, logits2)
+
+
+def test_fusion_ignores_masked_tokens():
+    torch.manual_seed(0)
+    fusion = GatedAttentionFusion(8, 4)
+    tokens = torch.randn(2, 3, 8)
+    mask = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]])
+    fused, weights = fusion(tokens, mask)
+    assert torch.allclose(weights.sum(-1), torch.ones(2))
+    assert torch.all(weights[mask == 0] < 1e-6)
+    assert torch.allclose(fused[1], tokens[1, 2], atol=1e-6)
+
+
+def test_modality_dropout_keeps_one_and_only_drops():
+    gen = torch.Generator().manual_seed(0)
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0], [0.0, 1.0, 1.0]]).repeat(200, 1)
+    dropped = drop_modalities(mask, 0.6, gen)
+    assert torch.all(dropped <= mask)
+    assert torch.all(dropped.sum(1) >= 1)
+    assert 0.2 < 1 - dropped[mask == 1].mean() < 0.6  # some dropping happens
+
+
+def test_alignment_loss_prefers_aligned_cases():
+    torch.manual_seed(0)
+    teacher = Teacher(MICRO.model, G, 2)
+    base = torch.randn(16, 1, MICRO.model.dim)
+    aligned = base.repeat(1, 3, 1) + 0.01 * torch.randn(16, 3, MICRO.model.dim)
+    shuffled = aligned.clone()
+    shuffled[:, 1] = shuffled[torch.randperm(16), 1]
+    mask = torch.ones(16, 3)
+    assert teacher.alignment.loss(aligned, mask) < teacher.alignment.loss(shuffled, mask)
+
+
+def test_distillation_loss_zero_gap_terms():
+    cfg = TrainConfig(kd_alpha=1.0, feature_weight=1.0)
+    logits = torch.randn(4, 2)
+    emb = torch.randn(4, 3, 5)
+    mask = torch.ones(4, 3)
+    same = distillation_loss(logits, emb, logits, emb, torch.zeros(4, dtype=torch.long), mask, cfg)
+    assert same.abs() < 1e-6
+    worse = distillation_loss(logits, emb + 1, logits, emb, torch.zeros(4, dtype=torch.long), mask, cfg)
+    assert worse == pytest.approx(1.0, abs=1e-5)
+
+
+def test_student_is_smaller_than_teacher():
+    from export.models import count_parameters
+
+    assert count_parameters(Student(MICRO.model, G, 2)) < count_parameters(Teacher(MICRO.model, G, 2))
+    assert len(MODALITIES) == 3
