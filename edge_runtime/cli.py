@@ -12,6 +12,7 @@ from .bundle import Bundle, default_public_key_path, load_bundle
 from .cliutil import handle_errors
 from .errors import BadInput
 from .keys import load_public_key
+from .manifest import load_case, read_manifest
 from .model import EdgeModel
 from .profiling import WARMUP_CASES, profile
 from .synthetic import InputSpec, SynthConfig, SyntheticCohort, parse_case_id
@@ -58,24 +59,55 @@ def main() -> None:
 @handle_errors
 def infer(bundle: Path, trusted_key: Path | None, variant: str | None, threads: int, manifest: Path | None,
           case_ids: tuple[str, ...], synthetic: bool, as_json: bool) -> None:
-    """Predict cases. The bundle's hashes and signature are verified first."""
+    """Predict cases. The bundle's hashes and signature are verified first.
+
+    With --manifest, each case either gets a prediction or is rejected with a reason; the others go
+    on. Exit 2 when no case could be predicted.
+    """
     if (manifest is None) == (not case_ids):
         raise BadInput("give either --manifest FILE or --case-id ID --synthetic")
     if case_ids and not synthetic:
         raise BadInput("--case-id needs --synthetic (real cases come from a --manifest)")
-    if manifest is not None:
-        raise BadInput(f"{manifest}: reading case manifests is not available in this version")
     indices = [parse_case_id(c) for c in case_ids]
+    cases = read_manifest(manifest) if manifest is not None else None  # refuse a bad manifest before loading models
     loaded = open_bundle(bundle, trusted_key)
     model = EdgeModel.from_bundle(loaded, variant, threads)
-    cohort = synthetic_cohort(loaded)
-    for index in indices:
-        pred = model.predict(cohort.case(index))
-        if as_json:
-            click.echo(json.dumps(pred.to_dict()))
-        else:
-            click.echo(f"{pred.case_id}  {pred.label:<10} p={pred.probability:.3f}  "
-                       f"[{'+'.join(pred.modalities)}]  {pred.latency_ms:.1f} ms")
+    if cases is None:
+        cohort = synthetic_cohort(loaded)
+        outcomes = ((str(i), lambda i=i: cohort.case(i)) for i in indices)
+    else:
+        outcomes = (
+            (e.case_id, lambda e=e: load_case(e, cases.folder, loaded.preprocessing, loaded.classes)) for e in cases.entries
+        )
+    predicted = rejected = 0
+    for case_id, load in outcomes:
+        try:
+            pred = model.predict(load())
+        except BadInput as exc:
+            rejected += 1
+            _emit_rejection(case_id, str(exc), as_json)
+            continue
+        predicted += 1
+        _emit_prediction(pred, as_json)
+    if not predicted:
+        click.echo(f"error: no case could be predicted ({rejected} rejected)", err=True)
+        sys.exit(2)
+
+
+def _emit_prediction(pred, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(pred.to_dict()))
+        return
+    click.echo(f"{pred.case_id}  {pred.label:<10} p={pred.probability:.3f}  [{'+'.join(pred.modalities)}]  {pred.latency_ms:.1f} ms")
+    for warning in pred.warnings:
+        click.echo(f"  warning: {warning}")
+
+
+def _emit_rejection(case_id: str, reason: str, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps({"case_id": case_id, "rejected": True, "reason": reason}))
+    else:
+        click.echo(f"{case_id}  REJECTED: {reason}")
 
 
 @main.command("profile")

@@ -26,14 +26,17 @@ class Prediction:
     label: str
     modalities: tuple[str, ...]
     latency_ms: float  # preprocessing + encoders + head
+    warnings: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
+        extra = {"warnings": list(self.warnings)} if self.warnings else {}
         return {
             "case_id": self.case_id,
             "probability": round(self.probability, 6),
             "label": self.label,
             "modalities": list(self.modalities),
             "latency_ms": round(self.latency_ms, 3),
+            **extra,
         }
 
 
@@ -93,7 +96,8 @@ class EdgeModel:
 
     def predict(self, case: Case) -> Prediction:
         start = time.perf_counter()
-        inputs = prepare_case(case, self.preprocessing)
+        prepared = prepare_case(case, self.preprocessing)
+        inputs = prepared.inputs
         probs = softmax(self.logits(inputs))
         latency = (time.perf_counter() - start) * 1e3
         return Prediction(
@@ -102,6 +106,7 @@ class EdgeModel:
             label=self.classes[int(np.argmax(probs))],
             modalities=tuple(m for m in MODALITIES if m in inputs),
             latency_ms=latency,
+            warnings=tuple(prepared.warnings),
         )
 
 

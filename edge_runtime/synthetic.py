@@ -21,10 +21,11 @@ from .errors import BadInput
 
 # Strength of the disease signal: latent u = LATENT_SHIFT * (2*label - 1) + N(0, LATENT_SD), and
 # each modality observes f_m = u + N(0, MODALITY_SD).
-LATENT_SHIFT = 0.6
+LATENT_SHIFT = 0.7
 LATENT_SD = 0.4
 MODALITY_SD = 1.0
 TISSUE_HU = 40.0
+CT_FIELD_OF_VIEW_MM = (160.0, 320.0, 320.0)  # z, y, x
 LESION_CONTRAST_HU = 90.0
 
 
@@ -35,6 +36,11 @@ class InputSpec:
     ct_grid: tuple[int, int, int] = (32, 128, 128)
     tile: int = 224
     n_genes: int = 2000
+
+    @property
+    def ct_spacing_mm(self) -> tuple[float, float, float]:
+        """Voxel spacing (z, y, x) that spreads the grid over a fixed field of view."""
+        return tuple(float(f) / n for f, n in zip(CT_FIELD_OF_VIEW_MM, self.ct_grid))
 
 
 @dataclass(frozen=True)
@@ -60,11 +66,13 @@ class Case:
     """One case as a clinic would have it: HU volume, RGB tiles, raw expression values."""
 
     case_id: str
-    site: int
+    site: int | str
     label: int
     ct: np.ndarray | None = None  # float32 (D, H, W), Hounsfield units
-    tiles: list[np.ndarray] | None = None  # uint8 (T, T, 3) each
-    genomics: np.ndarray | None = None  # float32 (G,), raw expression aligned to gene_names()
+    ct_spacing: tuple[float, float, float] | None = None  # mm, (z, y, x)
+    tiles: list[np.ndarray] | None = None  # uint8 (H, W, 3) each
+    genomics: np.ndarray | None = None  # float32 (G,), raw expression aligned to the gene list, NaN = missing
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -155,6 +163,7 @@ class SyntheticCohort:
             site=site,
             label=label,
             ct=_ct_volume(streams[0], spec, prof, signal[0]) if present[0] else None,
+            ct_spacing=spec.ct_spacing_mm if present[0] else None,
             tiles=[_tile(streams[1], spec, prof, signal[1])] if present[1] else None,
             genomics=_expression(streams[2], self._genes, prof, site, self.config.seed, signal[2]) if present[2] else None,
         )
@@ -174,11 +183,12 @@ def _ct_volume(rng: np.random.Generator, spec: InputSpec, prof: SiteProfile, f: 
     texture = np.pad(texture, [(0, d - texture.shape[0]), (0, h - texture.shape[1]), (0, w - texture.shape[2])], mode="edge")
     vol = np.where(body, TISSUE_HU + texture, -1000.0)
     # The lesion: its radius grows with the disease signal (in-plane voxels, scaled to the grid).
-    radius = float(np.clip(10.0 + 4.0 * f, 3.0, 22.0)) * h / 128.0
+    radius = float(np.clip(14.0 + 5.0 * f, 4.0, 30.0)) * h / 128.0
     rz = max(radius * d / h, 0.75)
     cz, cy, cx = rng.uniform(0.3, 0.7) * d, rng.uniform(0.35, 0.65) * h, rng.uniform(0.35, 0.65) * w
     lesion = ((z - cz) / rz) ** 2 + ((y - cy) / radius) ** 2 + ((x - cx) / radius) ** 2 < 1.0
-    vol = vol + LESION_CONTRAST_HU * lesion
+    # Lesion enhancement also grows with the signal (contrast uptake), within a plausible range.
+    vol = vol + float(np.clip(LESION_CONTRAST_HU + 30.0 * f, 30.0, 200.0)) * lesion
     vol = prof.ct_scale * vol + prof.ct_offset_hu + rng.normal(0.0, prof.ct_noise_hu, vol.shape)
     return vol.astype(np.float32)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from edge_runtime.cliutil import handle_errors
+from edge_runtime.errors import BadInput
 
 from .config import CONFIGS, get_config
 
@@ -49,6 +50,30 @@ def pipeline(out: Path, config_name: str, seed: int, signing_key: Path | None, m
         click.echo(f"{name:<14}{auc:>8.4f}{size:>10}")
     click.echo(f"parameters: teacher {result.parameters['teacher']:,}  student {result.parameters['student']:,}")
     click.echo(f"bundle: {result.bundle_dir}   trusted key: {result.public_key}")
+
+
+@main.command()
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for the case files and manifest.csv.")
+@click.option("--cases", default=20, show_default=True, type=click.IntRange(1, 1_000_000), help="Number of cases.")
+@click.option("--sites", default=4, show_default=True, type=click.IntRange(1, 1000), help="Number of sites (non-IID).")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Cohort seed (use the bundle's).")
+@click.option("--config", "config_name", default="tiny", show_default=True, type=click.Choice(sorted(CONFIGS)), help="Input shapes.")
+@click.option("--start", default=1_000_000, show_default=True, type=click.IntRange(min=0),
+              help="First case index; the default lies outside the pipeline's training cases.")
+@click.option("--ct-format", default="dicom", show_default=True, type=click.Choice(["dicom", "nifti"]), help="How CT is written.")
+@handle_errors
+def synth(out: Path, cases: int, sites: int, seed: int, config_name: str, start: int, ct_format: str) -> None:
+    """Write synthetic cases as real files (DICOM series / NIfTI, PNG tiles, CSV expression) + manifest."""
+    from edge_runtime.synthetic import SynthConfig, SyntheticCohort
+
+    from .synth_files import write_cohort
+
+    cfg = get_config(config_name)
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"{out}: exists and is not a directory")
+    cohort = SyntheticCohort(SynthConfig(seed=seed, n_sites=sites, spec=cfg.input))
+    manifest = write_cohort(cohort, out, start, cases, list(cfg.classes), ct_format)
+    click.echo(f"wrote {cases} cases and {manifest}")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ class TrainConfig:
     teacher_epochs: int = 6
     student_epochs: int = 6
     batch_size: int = 16
-    lr: float = 2e-3
+    lr: float = 3e-3
     modality_dropout: float = 0.25
     contrastive_weight: float = 0.2
     contrastive_temperature: float = 0.2
@@ -62,7 +62,7 @@ TINY = PipelineConfig(
         teacher_path=(16, 32, 64),
         teacher_path_blocks=(1, 1, 1),
         teacher_path_bottleneck=False,
-        teacher_gen=(256, 128),
+        teacher_gen=(64, 32),
         student_ct=(8, 16, 32),
         student_path=(16, 32, 48),
         student_gen=64,

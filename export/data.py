@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -38,7 +39,7 @@ def collate(cases: list[Case], pre: Preprocessing) -> Batch:
     arrays = {m: [] for m in MODALITIES}
     mask = np.zeros((len(cases), len(MODALITIES)), np.float32)
     for row, case in enumerate(cases):
-        prepared = prepare_case(case, pre)
+        prepared = prepare_case(case, pre).inputs
         zeros = _zeros(pre)
         for i, m in enumerate(MODALITIES):
             if m in prepared:
@@ -64,3 +65,43 @@ def batches(cohort: SyntheticCohort, pre: Preprocessing, indices: Iterable[int],
             chunk = []
     if chunk:
         yield collate(chunk, pre)
+
+
+class PreparedCases:
+    """Training cases harmonized once into memory-mapped files, so that every epoch of teacher
+    training and distillation reads them back instead of generating and preprocessing them again.
+    Writing streams one case at a time; the files, not the process, hold the set."""
+
+    def __init__(self, folder: Path, cohort: SyntheticCohort, pre: Preprocessing, indices: Iterable[int]) -> None:
+        indices = list(indices)
+        n, zeros = len(indices), _zeros(pre)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.arrays = {
+            m: np.lib.format.open_memmap(folder / f"{m}.npy", mode="w+", dtype=np.float16, shape=(n, *zeros[m].shape))
+            for m in MODALITIES
+        }
+        self.mask = np.zeros((n, len(MODALITIES)), np.float32)
+        self.labels = np.zeros(n, np.int64)
+        self.case_ids: list[str] = []
+        for row, index in enumerate(indices):
+            batch = collate([cohort.case(int(index))], pre)
+            for m in MODALITIES:
+                self.arrays[m][row] = batch.inputs[m][0].numpy()
+            self.mask[row] = batch.mask[0].numpy()
+            self.labels[row] = int(batch.labels[0])
+            self.case_ids.extend(batch.case_ids)
+        for arr in self.arrays.values():
+            arr.flush()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batches(self, order: np.ndarray, batch_size: int) -> Iterator[Batch]:
+        for start in range(0, len(order), batch_size):
+            rows = np.sort(order[start : start + batch_size])
+            yield Batch(
+                inputs={m: torch.from_numpy(arr[rows].astype(np.float32)) for m, arr in self.arrays.items()},
+                mask=torch.from_numpy(self.mask[rows]),
+                labels=torch.from_numpy(self.labels[rows]),
+                case_ids=[self.case_ids[r] for r in rows],
+            )

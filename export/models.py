@@ -26,6 +26,7 @@ class BasicBlock(nn.Module):
         super().__init__()
         self.conv1, self.bn1 = conv(cin, cout, 3, stride, 1, bias=False), norm(cout)
         self.conv2, self.bn2 = conv(cout, cout, 3, 1, 1, bias=False), norm(cout)
+        nn.init.zeros_(self.bn2.weight)  # zero-init residual: each block starts as its shortcut
         self.short = None
         if stride != 1 or cin != cout:
             self.short = nn.Sequential(conv(cin, cout, 1, stride, 0, bias=False), norm(cout))
@@ -49,6 +50,7 @@ class Bottleneck(nn.Module):
             conv(width, width, 3, stride, 1, bias=False), norm(width), nn.ReLU(inplace=True),
             conv(width, cout, 1, 1, 0, bias=False), norm(cout),
         )
+        nn.init.zeros_(self.body[-1].weight)  # zero-init residual
         self.short = None
         if stride != 1 or cin != cout:
             self.short = nn.Sequential(conv(cin, cout, 1, stride, 0, bias=False), norm(cout))
@@ -60,8 +62,11 @@ class Bottleneck(nn.Module):
 class ResNet(nn.Module):
     """A ResNet trunk ending in global average pooling; ``ndim`` 2 or 3."""
 
-    def __init__(self, ndim: int, in_ch: int, widths: tuple[int, ...], blocks: tuple[int, ...], bottleneck: bool) -> None:
+    def __init__(
+        self, ndim: int, in_ch: int, widths: tuple[int, ...], blocks: tuple[int, ...], bottleneck: bool, max_pool: bool = False
+    ) -> None:
         super().__init__()
+        self.max_pool = max_pool
         conv, norm = (nn.Conv3d, nn.BatchNorm3d) if ndim == 3 else (nn.Conv2d, nn.BatchNorm2d)
         stem = widths[0]
         self.stem = nn.Sequential(conv(in_ch, stem, 3, 2, 1, bias=False), norm(stem), nn.ReLU(inplace=True))
@@ -76,16 +81,23 @@ class ResNet(nn.Module):
                     layers.append(BasicBlock(conv, norm, cin, width, stride))
                     cin = width
         self.layers = nn.Sequential(*layers)
-        self.out_dim = cin
+        self.out_dim = cin * (2 if max_pool else 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(self.stem(x)).flatten(2).mean(-1)
+        return global_pool(self.layers(self.stem(x)), self.max_pool)
+
+
+def global_pool(x: torch.Tensor, with_max: bool) -> torch.Tensor:
+    """Global average pooling, optionally concatenated with global max pooling: a small lesion is
+    diluted away by an average over a whole volume but stands out in the maximum."""
+    flat = x.flatten(2)
+    return torch.cat([flat.mean(-1), flat.amax(-1)], 1) if with_max else flat.mean(-1)
 
 
 class SNN(nn.Module):
     """Self-normalizing MLP (SELU, LeCun-normal init, alpha dropout) for expression vectors."""
 
-    def __init__(self, n_in: int, hidden: tuple[int, ...], dropout: float = 0.1) -> None:
+    def __init__(self, n_in: int, hidden: tuple[int, ...], dropout: float = 0.3) -> None:
         super().__init__()
         layers, cin = [], n_in
         for h in hidden:
@@ -119,17 +131,18 @@ class DSConv(nn.Module):
 class StudentConvEncoder(nn.Module):
     """Strided stem, depthwise-separable stages, global pooling, projection to the shared space."""
 
-    def __init__(self, ndim: int, in_ch: int, widths: tuple[int, ...], dim: int) -> None:
+    def __init__(self, ndim: int, in_ch: int, widths: tuple[int, ...], dim: int, max_pool: bool = False) -> None:
         super().__init__()
+        self.max_pool = max_pool
         conv, norm = (nn.Conv3d, nn.BatchNorm3d) if ndim == 3 else (nn.Conv2d, nn.BatchNorm2d)
         layers = [conv(in_ch, widths[0], 3, 2, 1, bias=False), norm(widths[0]), nn.ReLU6(inplace=True)]
         for cin, cout in zip(widths, widths[1:]):
             layers.append(DSConv(ndim, cin, cout, 2))
         self.trunk = nn.Sequential(*layers)
-        self.proj = nn.Linear(widths[-1], dim)
+        self.proj = nn.Linear(widths[-1] * (2 if max_pool else 1), dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.trunk(x).flatten(2).mean(-1))
+        return self.proj(global_pool(self.trunk(x), self.max_pool))
 
 
 class GatedAttentionFusion(nn.Module):
@@ -191,7 +204,7 @@ class Teacher(nn.Module):
         ct_blocks = (1,) * len(cfg.teacher_ct)
         self.encoders = nn.ModuleDict(
             {
-                "ct": ResNet(3, 1, cfg.teacher_ct, ct_blocks, bottleneck=False),
+                "ct": ResNet(3, 1, cfg.teacher_ct, ct_blocks, bottleneck=False, max_pool=True),
                 "pathology": ResNet(2, 3, cfg.teacher_path, cfg.teacher_path_blocks, cfg.teacher_path_bottleneck),
                 "genomics": SNN(n_genes, cfg.teacher_gen),
             }
@@ -250,7 +263,7 @@ class Student(nn.Module):
         super().__init__()
         self.encoders = nn.ModuleDict(
             {
-                "ct": StudentConvEncoder(3, 1, cfg.student_ct, cfg.dim),
+                "ct": StudentConvEncoder(3, 1, cfg.student_ct, cfg.dim, max_pool=True),
                 "pathology": StudentConvEncoder(2, 3, cfg.student_path, cfg.dim),
                 "genomics": nn.Sequential(nn.Linear(n_genes, cfg.student_gen), nn.ReLU(), nn.Linear(cfg.student_gen, cfg.dim)),
             }

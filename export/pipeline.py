@@ -30,7 +30,7 @@ from quantize.calibration import StreamingReader
 from quantize.static import quantize_int8
 
 from .config import PipelineConfig
-from .data import batches
+from .data import PreparedCases, batches
 from .models import Student, Teacher, count_parameters
 from .onnx_export import export_student
 from .stats import fit_preprocessing
@@ -76,7 +76,7 @@ class Splits:
 
 def _calibration_inputs(cohort: SyntheticCohort, pre: Preprocessing, indices: range, modality: str) -> Iterator[dict[str, np.ndarray]]:
     for case in cohort.iter_cases(indices.start, len(indices)):
-        prepared = prepare_case(case, pre)
+        prepared = prepare_case(case, pre).inputs
         if modality in prepared:
             yield {"x": prepared[modality]}
 
@@ -124,17 +124,20 @@ def run_pipeline(
     cohort = SyntheticCohort(SynthConfig(seed=seed, n_sites=cfg.n_sites, spec=cfg.input))
     splits = Splits.of(cfg)
     n_genes, n_classes = cfg.input.n_genes, len(cfg.classes)
-    pre = fit_preprocessing(cohort.iter_cases(0, min(cfg.train.stats_cases, cfg.train.train_cases)), cfg.input)
-    lap("statistics")
-
-    teacher = train_teacher(Teacher(cfg.model, n_genes, n_classes, cfg.train.contrastive_temperature), cohort, pre, splits.train, cfg.train, seed, log)
-    lap("teacher")
-    student = distill(Student(cfg.model, n_genes, n_classes), teacher, cohort, pre, splits.train, cfg.train, seed, log)
-    lap("distill")
-
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out, prefix=".work-") as work_dir:
         work = Path(work_dir)
+        pre = fit_preprocessing(cohort.iter_cases(0, min(cfg.train.stats_cases, cfg.train.train_cases)), cfg.input)
+        data = PreparedCases(work / "cases", cohort, pre, splits.train)
+        lap("prepare")
+
+        teacher = Teacher(cfg.model, n_genes, n_classes, cfg.train.contrastive_temperature)
+        train_teacher(teacher, data, cfg.train, seed, log)
+        lap("teacher")
+        student = distill(Student(cfg.model, n_genes, n_classes), teacher, data, cfg.train, seed, log)
+        del data
+        lap("distill")
+
         fp32 = export_student(student, pre, work / "fp32", seed)
         log("exported ONNX encoders and head; parity with torch within 1e-4")
         lap("export")

@@ -45,7 +45,7 @@ def fit_preprocessing(cases: Iterable[Case], spec: InputSpec) -> Preprocessing:
     c_mean, c_std = colour.mean_std()
     g_mean, g_std = genes.mean_std()
     return Preprocessing(
-        ct=CTSpec(grid=spec.ct_grid),
+        ct=CTSpec(grid=spec.ct_grid, spacing_mm=spec.ct_spacing_mm),
         pathology=PathologySpec(tile=spec.tile, mean=tuple(c_mean.round(6)), std=tuple(c_std.round(6))),
         genomics=GenomicsSpec(genes=tuple(gene_names(spec.n_genes)), mean=tuple(g_mean.round(6)), std=tuple(g_std.round(6))),
     )

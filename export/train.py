@@ -14,11 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edge_runtime.preprocess import Preprocessing
-from edge_runtime.synthetic import SyntheticCohort
-
 from .config import TrainConfig
-from .data import Batch, batches
+from .data import Batch, PreparedCases
 from .models import Student, Teacher
 
 Log = Callable[[str], None]
@@ -32,20 +29,18 @@ def drop_modalities(mask: torch.Tensor, p: float, gen: torch.Generator) -> torch
     return keep
 
 
-def _epoch_order(indices: range, seed: int, epoch: int) -> np.ndarray:
-    return np.random.default_rng([seed, 7, epoch]).permutation(np.asarray(indices))
+def _epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, 7, epoch]).permutation(n)
 
 
-def train_teacher(
-    teacher: Teacher, cohort: SyntheticCohort, pre: Preprocessing, indices: range, cfg: TrainConfig, seed: int, log: Log
-) -> Teacher:
+def train_teacher(teacher: Teacher, data: PreparedCases, cfg: TrainConfig, seed: int, log: Log) -> Teacher:
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(teacher.parameters(), lr=cfg.lr, weight_decay=1e-4)
     teacher.train()
     for epoch in range(cfg.teacher_epochs):
         total, n = 0.0, 0
-        for batch in batches(cohort, pre, _epoch_order(indices, seed, epoch), cfg.batch_size):
+        for batch in data.batches(_epoch_order(len(data), seed, epoch), cfg.batch_size):
             mask = drop_modalities(batch.mask, cfg.modality_dropout, gen)
             logits, emb = teacher(batch.inputs, mask)
             # Alignment sees all present modalities: dropout is for the classifier's robustness.
@@ -71,10 +66,7 @@ def distillation_loss(
     return (1 - cfg.kd_alpha) * ce + cfg.kd_alpha * kl + cfg.feature_weight * feat
 
 
-def distill(
-    student: Student, teacher: Teacher, cohort: SyntheticCohort, pre: Preprocessing, indices: range,
-    cfg: TrainConfig, seed: int, log: Log,
-) -> Student:
+def distill(student: Student, teacher: Teacher, data: PreparedCases, cfg: TrainConfig, seed: int, log: Log) -> Student:
     torch.manual_seed(seed + 1)
     gen = torch.Generator().manual_seed(seed + 1)
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=1e-4)
@@ -82,7 +74,7 @@ def distill(
     student.train()
     for epoch in range(cfg.student_epochs):
         total, n = 0.0, 0
-        for batch in batches(cohort, pre, _epoch_order(indices, seed + 1, epoch), cfg.batch_size):
+        for batch in data.batches(_epoch_order(len(data), seed + 1, epoch), cfg.batch_size):
             mask = drop_modalities(batch.mask, cfg.modality_dropout, gen)
             with torch.no_grad():
                 t_logits, t_emb = teacher(batch.inputs, mask)

@@ -17,8 +17,10 @@ def quantize_int8(
     """Quantize ``fp32_path`` to ``out_path``; the FP32 file is left untouched."""
     with tempfile.TemporaryDirectory() as tmp:
         # Shape inference + graph optimization first, as ORT recommends before static quantization.
+        # ONNX's own shape inference suffices for these CNN/MLP graphs; ORT's symbolic one is meant
+        # for transformers and trips over the pooled-feature Concat.
         prepped = Path(tmp) / "prepped.onnx"
-        quant_pre_process(str(fp32_path), str(prepped), skip_symbolic_shape=False)
+        quant_pre_process(str(fp32_path), str(prepped), skip_symbolic_shape=True)
         quantize_static(
             str(prepped),
             str(out_path),

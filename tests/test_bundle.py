@@ -9,7 +9,7 @@ from edge_runtime.errors import BundleError
 from edge_runtime.keys import generate_key, key_id, load_private_key, load_public_key, save_private_key, save_public_key
 from edge_runtime.preprocess import CTSpec, GenomicsSpec, PathologySpec, Preprocessing
 
-PRE = Preprocessing(CTSpec((2, 2, 2)), PathologySpec(4, (0.5,) * 3, (0.2,) * 3), GenomicsSpec(("A",), (0.0,), (1.0,)))
+PRE = Preprocessing(CTSpec((2, 2, 2), (1.0, 1.0, 1.0)), PathologySpec(4, (0.5,) * 3, (0.2,) * 3), GenomicsSpec(("A",), (0.0,), (1.0,)))
 
 
 @pytest.fixture

@@ -142,3 +142,50 @@ def test_help_everywhere():
     for args in ([], ["pipeline"]):
         proc = edge_export(*args, "--help")
         assert proc.returncode == 0 and "Usage" in proc.stdout
+
+
+@pytest.fixture(scope="session")
+def micro_cases(tmp_path_factory):
+    """Real case files (DICOM series, PNG, CSV) + manifest for the micro bundle's cohort."""
+    out = tmp_path_factory.mktemp("cases") / "cases"
+    proc = edge_export("synth", "--out", str(out), "--config", "micro", "--seed", "3", "--cases", "6")
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def test_infer_manifest_of_real_files_matches_in_memory_cases(micro_out, micro_cases):
+    proc = edge_run("infer", "--bundle", str(micro_out / "bundle"), "--manifest", str(micro_cases / "manifest.csv"), "--json")
+    assert proc.returncode == 0, proc.stderr
+    from_files = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(from_files) == 6 and not any(r.get("rejected") for r in from_files)
+    args = ["infer", "--bundle", str(micro_out / "bundle"), "--synthetic", "--json"]
+    for r in from_files:
+        args += ["--case-id", r["case_id"]]
+    in_memory = [json.loads(line) for line in edge_run(*args).stdout.splitlines()]
+    for a, b in zip(from_files, in_memory):
+        assert a["case_id"] == b["case_id"] and a["modalities"] == b["modalities"]
+        assert abs(a["probability"] - b["probability"]) < 0.02
+
+
+def test_manifest_bad_case_rejected_others_go_on(micro_out, micro_cases):
+    lines = (micro_cases / "manifest.csv").read_text().splitlines()
+    broken = micro_cases / "broken.png"
+    broken.write_bytes(b"not a png")
+    lines.append("bad-1,,broken.png,,,0")
+    lines.append("bad-2,,../../etc/passwd,,,0")
+    (micro_cases / "mixed.csv").write_text("\n".join(lines) + "\n")
+    proc = edge_run("infer", "--bundle", str(micro_out / "bundle"), "--manifest", str(micro_cases / "mixed.csv"), "--json")
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["case_id"]: r for r in map(json.loads, proc.stdout.splitlines())}
+    assert len(rows) == 8
+    assert rows["bad-1"]["rejected"] and "broken.png: not a readable image" in rows["bad-1"]["reason"]
+    assert rows["bad-2"]["rejected"] and "outside the manifest's folder" in rows["bad-2"]["reason"]
+    assert sum(1 for r in rows.values() if "probability" in r) == 6
+
+
+def test_single_unusable_case_exits_2(micro_out, micro_cases):
+    (micro_cases / "one.csv").write_text("case_id,ct\nonly,ct/missing-series\n")
+    proc = edge_run("infer", "--bundle", str(micro_out / "bundle"), "--manifest", str(micro_cases / "one.csv"))
+    assert proc.returncode == 2
+    assert "REJECTED" in proc.stdout and "does not exist" in proc.stdout
+    assert proc.stderr.strip().startswith("error: no case could be predicted")

@@ -49,7 +49,7 @@ def _calib(cohort, pre, modality, n):
 
     def make():
         for case in cohort.iter_cases(0, n):
-            prepared = prepare_case(case, pre)
+            prepared = prepare_case(case, pre).inputs
             if modality in prepared:
                 yield {"x": prepared[modality]}
 

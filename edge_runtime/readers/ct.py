@@ -1,0 +1,226 @@
+"""CT volumes from a DICOM series folder, a multi-frame DICOM file, or NIfTI (.nii, .nii.gz).
+
+DICOM series are read in two passes: headers only (to check the series and order the slices by
+their position along the slice normal, never by file name), then pixel data one slice at a time in
+that order, each slice converted to HU and resampled in-plane to the bundle grid at once. Memory
+stays at one full-resolution slice plus the small resampled stack, whatever the series size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BadInput
+from ..harmonize import InPlaneResampler, resample_slices
+
+MIN_SLICES = 4
+MIN_HU_RANGE = 1.0  # a volume whose values all lie within 1 HU is empty or blank
+CT_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.2",  # CT Image Storage
+    "1.2.840.10008.5.1.4.1.1.2.1",  # Enhanced CT Image Storage
+}
+
+
+@dataclass(frozen=True)
+class TargetGrid:
+    grid: tuple[int, int, int]
+    spacing_mm: tuple[float, float, float]
+
+
+def read_ct(path: Path, target: TargetGrid) -> np.ndarray:
+    """HU volume of ``path`` resampled to ``target`` (D, H, W), float32. Refuses with BadInput."""
+    path = Path(path)
+    if not path.exists():
+        raise BadInput(f"{path}: CT file or folder does not exist")
+    name = path.name.lower()
+    if path.is_dir():
+        volume = read_dicom_series(path, target)
+    elif name.endswith((".nii", ".nii.gz")):
+        volume = read_nifti(path, target)
+    else:
+        volume = read_dicom_series([path], target, where=path)
+    _check_not_blank(volume, path)
+    return volume
+
+
+def _check_not_blank(volume: np.ndarray, where: Path) -> None:
+    if not np.all(np.isfinite(volume)):
+        raise BadInput(f"{where}: CT volume has NaN or infinite values")
+    if float(volume.max() - volume.min()) < MIN_HU_RANGE:
+        raise BadInput(f"{where}: CT volume is empty or constant ({float(volume.min()):.0f} HU everywhere)")
+
+
+# ---------------------------------------------------------------- DICOM
+
+
+def _pydicom():
+    import pydicom  # local: the clinic pays for it only when it reads DICOM
+
+    return pydicom
+
+
+def _read_header(path: Path):
+    pydicom = _pydicom()
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True)
+    except (pydicom.errors.InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError) as exc:
+        raise BadInput(f"{path}: not a readable DICOM file ({type(exc).__name__})") from exc
+
+
+def _floats(ds, keyword: str, n: int, where: Path) -> np.ndarray:
+    value = getattr(ds, keyword, None)
+    try:
+        arr = np.asarray([float(v) for v in value], dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise BadInput(f"{where}: DICOM tag {keyword} is missing or not numeric") from exc
+    if arr.shape != (n,) or not np.all(np.isfinite(arr)):
+        raise BadInput(f"{where}: DICOM tag {keyword} must hold {n} finite numbers")
+    return arr
+
+
+def _check_ct(ds, where: Path) -> None:
+    modality = str(getattr(ds, "Modality", "") or "")
+    if modality != "CT":
+        raise BadInput(f"{where}: DICOM modality is {modality or 'missing'}, not CT")
+    if str(getattr(ds, "SOPClassUID", "")) not in CT_SOP_CLASSES:
+        raise BadInput(f"{where}: DICOM SOP class {getattr(ds, 'SOPClassUID', '?')} is not a CT image")
+    if int(getattr(ds, "SamplesPerPixel", 1)) != 1:
+        raise BadInput(f"{where}: CT image must be single-channel")
+
+
+@dataclass
+class _Slice:
+    path: Path
+    position: float  # along the slice normal, mm
+    frame: int | None = None
+
+
+def read_dicom_series(source: Path | list[Path], target: TargetGrid, where: Path | None = None) -> np.ndarray:
+    """A folder of single-frame slices (any file names, any order) or one multi-frame file."""
+    files = sorted(p for p in Path(source).rglob("*") if p.is_file() and not p.name.startswith(".")) if isinstance(source, Path) else source
+    where = where or Path(source)
+    if not files:
+        raise BadInput(f"{where}: DICOM series folder is empty")
+    headers = [(p, _read_header(p)) for p in files]
+    first_path, first = headers[0]
+    for p, ds in headers:
+        _check_ct(ds, p)
+    series = {str(getattr(ds, "SeriesInstanceUID", "")) for _, ds in headers}
+    if len(series) != 1:
+        raise BadInput(f"{where}: folder mixes {len(series)} DICOM series; give one series per case")
+    if len(headers) == 1 and int(getattr(first, "NumberOfFrames", 1) or 1) > 1:
+        return _read_multiframe(first_path, first, target)
+    return _read_single_frames(headers, target, where)
+
+
+def _normal(orientation: np.ndarray) -> np.ndarray:
+    normal = np.cross(orientation[:3], orientation[3:])
+    norm = np.linalg.norm(normal)
+    if norm < 1e-6:
+        raise BadInput("DICOM ImageOrientationPatient has parallel row and column directions")
+    return normal / norm
+
+
+def _read_single_frames(headers: list, target: TargetGrid, where: Path) -> np.ndarray:
+    first_path, first = headers[0]
+    orientation = _floats(first, "ImageOrientationPatient", 6, first_path)
+    normal = _normal(orientation)
+    rows, cols = int(first.Rows), int(first.Columns)
+    spacing = _floats(first, "PixelSpacing", 2, first_path)  # (row spacing, column spacing) = (y, x)
+    slices = []
+    for p, ds in headers:
+        if not np.allclose(_floats(ds, "ImageOrientationPatient", 6, p), orientation, atol=1e-3):
+            raise BadInput(f"{p}: slice orientation differs from the rest of the series")
+        if (int(ds.Rows), int(ds.Columns)) != (rows, cols):
+            raise BadInput(f"{p}: slice size {ds.Columns}x{ds.Rows} differs from the rest of the series ({cols}x{rows})")
+        slices.append(_Slice(p, float(_floats(ds, "ImagePositionPatient", 3, p) @ normal)))
+    if len(slices) < MIN_SLICES:
+        raise BadInput(f"{where}: CT series has {len(slices)} slices, at least {MIN_SLICES} are needed")
+    slices.sort(key=lambda s: s.position)
+    positions = np.array([s.position for s in slices])
+    if np.any(np.diff(positions) < 1e-3):
+        raise BadInput(f"{where}: CT series has two slices at the same position")
+    plane = InPlaneResampler((rows, cols), tuple(spacing), target.grid[1:], target.spacing_mm[1:])
+    stack = np.empty((len(slices), *target.grid[1:]), np.float32)
+    pydicom = _pydicom()
+    for i, s in enumerate(slices):
+        try:
+            ds = pydicom.dcmread(s.path)
+            pixels = ds.pixel_array
+        except Exception as exc:  # pydicom raises many types for damaged pixel data
+            raise BadInput(f"{s.path}: cannot decode DICOM pixel data ({type(exc).__name__})") from exc
+        if pixels.shape != (rows, cols):
+            raise BadInput(f"{s.path}: pixel data shape {pixels.shape} does not match Rows/Columns")
+        slope = float(getattr(ds, "RescaleSlope", 1) or 1)
+        intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
+        stack[i] = plane(pixels.astype(np.float32) * slope + intercept)
+    return resample_slices(stack, positions, target.grid[0], target.spacing_mm[0])
+
+
+def _read_multiframe(path: Path, header, target: TargetGrid) -> np.ndarray:
+    """Enhanced (multi-frame) CT: geometry and rescale from the functional groups."""
+    shared = getattr(header, "SharedFunctionalGroupsSequence", [None])[0]
+    frames = getattr(header, "PerFrameFunctionalGroupsSequence", None)
+    n = int(header.NumberOfFrames)
+    if shared is None or frames is None or len(frames) != n:
+        raise BadInput(f"{path}: multi-frame CT lacks its functional groups (geometry per frame)")
+    try:
+        orientation = _floats(shared.PlaneOrientationSequence[0], "ImageOrientationPatient", 6, path)
+        spacing = _floats(shared.PixelMeasuresSequence[0], "PixelSpacing", 2, path)
+        normal = _normal(orientation)
+        positions = np.array([float(_floats(f.PlanePositionSequence[0], "ImagePositionPatient", 3, path) @ normal) for f in frames])
+    except (AttributeError, IndexError) as exc:
+        raise BadInput(f"{path}: multi-frame CT geometry is incomplete ({exc})") from exc
+    if n < MIN_SLICES:
+        raise BadInput(f"{path}: CT series has {n} frames, at least {MIN_SLICES} are needed")
+    try:
+        pixels = _pydicom().dcmread(path).pixel_array
+    except Exception as exc:
+        raise BadInput(f"{path}: cannot decode DICOM pixel data ({type(exc).__name__})") from exc
+    transform = getattr(shared, "PixelValueTransformationSequence", None)
+    slope = float(transform[0].RescaleSlope) if transform else float(getattr(header, "RescaleSlope", 1) or 1)
+    intercept = float(transform[0].RescaleIntercept) if transform else float(getattr(header, "RescaleIntercept", 0) or 0)
+    order = np.argsort(positions)
+    if np.any(np.diff(positions[order]) < 1e-3):
+        raise BadInput(f"{path}: CT frames share a position")
+    plane = InPlaneResampler(pixels.shape[1:], tuple(spacing), target.grid[1:], target.spacing_mm[1:])
+    stack = np.stack([plane(pixels[i].astype(np.float32) * slope + intercept) for i in order])
+    return resample_slices(stack, positions[order], target.grid[0], target.spacing_mm[0])
+
+
+# ---------------------------------------------------------------- NIfTI
+
+
+def read_nifti(path: Path, target: TargetGrid) -> np.ndarray:
+    """NIfTI volume in HU (scl_slope/inter applied by nibabel), reoriented to RAS, axes to (z, y, x)."""
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+        img = nib.as_closest_canonical(img)
+        zooms = img.header.get_zooms()[:3]
+        data = np.asanyarray(img.dataobj)
+    except Exception as exc:  # nibabel raises many types on damaged files
+        raise BadInput(f"{path}: not a readable NIfTI file ({type(exc).__name__}: {str(exc)[:80]})") from exc
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise BadInput(f"{path}: NIfTI image has {data.ndim} dimensions, a CT volume needs 3")
+    if not np.issubdtype(data.dtype, np.number) or np.issubdtype(data.dtype, np.complexfloating):
+        raise BadInput(f"{path}: NIfTI data type {data.dtype} is not a real number type")
+    if data.shape[2] < MIN_SLICES:
+        raise BadInput(f"{path}: CT volume has {data.shape[2]} slices, at least {MIN_SLICES} are needed")
+    spacing_xyz = np.asarray(zooms, dtype=np.float64)
+    if not np.all(np.isfinite(spacing_xyz)) or np.any(spacing_xyz <= 0):
+        raise BadInput(f"{path}: NIfTI voxel sizes {tuple(spacing_xyz)} are not positive")
+    if not np.all(np.isfinite(data)):
+        raise BadInput(f"{path}: CT volume has NaN or infinite values")
+    # RAS (x, y, z) -> (z, y, x); y flipped so rows run anterior -> posterior like DICOM.
+    zyx = np.transpose(data, (2, 1, 0))[:, ::-1, :]
+    plane = InPlaneResampler(zyx.shape[1:], (spacing_xyz[1], spacing_xyz[0]), target.grid[1:], target.spacing_mm[1:])
+    stack = np.stack([plane(np.asarray(s, dtype=np.float32)) for s in zyx])
+    positions = np.arange(zyx.shape[0]) * spacing_xyz[2]
+    return resample_slices(stack, positions, target.grid[0], target.spacing_mm[0])

@@ -1,0 +1,75 @@
+"""Pathology tiles: PNG / JPEG / TIFF through Pillow, DICOM secondary capture or VL whole-slide tiles
+through pydicom. Always returns RGB uint8 (H, W, 3)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BadInput
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+DICOM_SUFFIXES = (".dcm", ".dicom")
+MAX_PIXELS = 64_000_000  # a tile, not a whole slide: refuse decompression bombs
+PATHOLOGY_MODALITIES = {"SM", "OT", "XC", "GM"}  # slide microscopy, other, external camera, general microscopy
+
+
+def read_tiles(path: Path) -> list[np.ndarray]:
+    """One tile file, or every tile file in a folder (sorted by name)."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES + DICOM_SUFFIXES)
+        if not files:
+            raise BadInput(f"{path}: folder has no tile images ({', '.join(IMAGE_SUFFIXES + DICOM_SUFFIXES)})")
+        return [tile for f in files for tile in read_tile_file(f)]
+    return read_tile_file(path)
+
+
+def read_tile_file(path: Path) -> list[np.ndarray]:
+    if not path.exists():
+        raise BadInput(f"{path}: tile file does not exist")
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return _read_dicom_tiles(path)
+    return [_read_image(path)]
+
+
+def _read_image(path: Path) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            if img.width * img.height > MAX_PIXELS:
+                raise BadInput(f"{path}: image is {img.width}x{img.height}, too large for a tile")
+            img.load()
+            rgb = img.convert("RGB")
+    except BadInput:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise BadInput(f"{path}: not a readable image ({type(exc).__name__})") from exc
+    arr = np.asarray(rgb, dtype=np.uint8)
+    if arr.size == 0:
+        raise BadInput(f"{path}: image is empty")
+    return arr
+
+
+def _read_dicom_tiles(path: Path) -> list[np.ndarray]:
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path)
+    except Exception as exc:
+        raise BadInput(f"{path}: not a readable DICOM file ({type(exc).__name__})") from exc
+    modality = str(getattr(ds, "Modality", "") or "")
+    if modality not in PATHOLOGY_MODALITIES:
+        raise BadInput(f"{path}: DICOM modality is {modality or 'missing'}, not a pathology image (SM/OT)")
+    if int(getattr(ds, "SamplesPerPixel", 1)) != 3:
+        raise BadInput(f"{path}: pathology tile must be a colour (3-sample) image")
+    try:
+        pixels = ds.pixel_array  # pydicom 3 converts YCbCr to RGB itself (as_rgb)
+    except Exception as exc:
+        raise BadInput(f"{path}: cannot decode DICOM pixel data ({type(exc).__name__})") from exc
+    if int(getattr(ds, "BitsAllocated", 8)) != 8:
+        pixels = (pixels.astype(np.float64) / np.iinfo(pixels.dtype).max * 255).round()
+    frames = pixels if pixels.ndim == 4 else pixels[None]
+    return [np.ascontiguousarray(f, dtype=np.uint8) for f in frames]
