@@ -110,8 +110,7 @@ def load_bundle(root: Path, trusted_key: Ed25519PublicKey) -> Bundle:
     if not isinstance(manifest, dict):
         raise BundleError(f"{manifest_path}: manifest is not a JSON object")
     _verify_signature(manifest, manifest_path, trusted_key)
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise BundleError(f"{manifest_path}: unsupported bundle format {manifest.get('format_version')!r}")
+    _check_structure(manifest, manifest_path)
     for name, meta in manifest["files"].items():
         _check_member_name(name)
         path = root / name
@@ -120,6 +119,24 @@ def load_bundle(root: Path, trusted_key: Ed25519PublicKey) -> Bundle:
         if path.stat().st_size != meta["size"] or sha256_file(path) != meta["sha256"]:
             raise BundleError(f"{path}: file does not match its SHA-256 in the manifest (tampered or corrupt)")
     return Bundle(root=root, manifest=manifest, preprocessing=Preprocessing.from_dict(manifest["preprocessing"]))
+
+
+def _check_structure(manifest: dict, where: Path) -> None:
+    """Types of the members the runtime relies on; a signed manifest can still be malformed."""
+    version = manifest.get("format_version")
+    if type(version) is not int or version != FORMAT_VERSION:
+        raise BundleError(f"{where}: unsupported bundle format {version!r} (this runtime reads {FORMAT_VERSION})")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not all(
+        isinstance(m, dict) and isinstance(m.get("sha256"), str) and type(m.get("size")) is int for m in files.values()
+    ):
+        raise BundleError(f"{where}: manifest file list is malformed")
+    expected = {"preprocessing": dict, "classes": list, "model_version": str}
+    for key, kind in expected.items():
+        if not isinstance(manifest.get(key), kind):
+            raise BundleError(f"{where}: manifest member {key!r} is missing or not a {kind.__name__}")
+    if not manifest["classes"] or not all(isinstance(c, str) for c in manifest["classes"]):
+        raise BundleError(f"{where}: manifest classes must be a non-empty list of names")
 
 
 def _verify_signature(manifest: dict, where: Path, trusted_key: Ed25519PublicKey) -> None:

@@ -66,16 +66,27 @@ class EdgeModel:
 
     @classmethod
     def from_bundle(cls, bundle: Bundle, variant: str | None = None, threads: int = 2) -> "EdgeModel":
-        manifest = bundle.manifest
-        variants = {v["name"]: v for v in manifest["variants"]}
-        name = variant or manifest["default_variant"]
-        if name not in variants:
-            raise BundleError(f"{bundle.root}: no encoder variant {name!r} (has {', '.join(variants)})")
-        files = {m: bundle.path(f) for m, f in variants[name]["encoders"].items()}
-        return cls(
-            files, bundle.path(manifest["head"]["file"]), bundle.preprocessing,
-            bundle.classes, int(manifest["embedding_dim"]), threads,
-        )
+        """Sessions for one encoder variant; only files the signed manifest lists (and that
+        load_bundle therefore verified) are ever opened."""
+        manifest, where = bundle.manifest, bundle.root / "manifest.json"
+        try:
+            variants = {v["name"]: v for v in manifest["variants"]}
+            name = variant or manifest["default_variant"]
+            if name not in variants:
+                raise BundleError(f"{bundle.root}: no encoder variant {name!r} (has {', '.join(map(str, variants))})")
+            files = {m: variants[name]["encoders"][m] for m in MODALITIES}
+            head, dim = manifest["head"]["file"], int(manifest["embedding_dim"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleError(f"{where}: model description is malformed ({exc!r})") from exc
+        for f in (*files.values(), head):
+            if f not in manifest["files"]:
+                raise BundleError(f"{where}: {f!r} is not among the bundle's verified files")
+        try:
+            return cls({m: bundle.path(f) for m, f in files.items()}, bundle.path(head), bundle.preprocessing,
+                       bundle.classes, dim, threads)
+        except (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidGraph,
+                ort.capi.onnxruntime_pybind11_state.InvalidProtobuf) as exc:
+            raise BundleError(f"{bundle.root}: ONNX Runtime cannot load the model ({str(exc)[:120]})") from exc
 
     def embed(self, modality: str, x: np.ndarray) -> np.ndarray:
         """Encoder output for one case; several pathology tiles are averaged into one embedding."""

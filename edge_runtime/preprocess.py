@@ -69,7 +69,7 @@ class Preprocessing:
                     max_missing_fraction=float(gen.get("max_missing_fraction", 0.5)),
                 ),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise BadInput(f"preprocessing parameters are malformed: {exc!r}") from exc
         if len(spec.ct.grid) != 3 or len(spec.ct.spacing_mm) != 3 or len(spec.genomics.mean) != len(spec.genomics.genes):
             raise BadInput("preprocessing parameters are inconsistent (grid rank or gene statistics length)")

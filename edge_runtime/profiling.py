@@ -16,11 +16,21 @@ WARMUP_CASES = 2  # first sessions runs allocate arenas; they are run but not co
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process since it started (imports included), in MB."""
+    """Peak resident set size of this process since it started (imports included), in MB.
+
+    On Linux this is VmHWM of the process's own address space: getrusage's ru_maxrss would also
+    carry the parent's peak across fork + exec and overstate a small process started by a big one.
+    """
     if sys.platform == "win32":
         import psutil
 
         return psutil.Process().memory_info().peak_wset / 1e6
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / 1e6
+    except OSError:
+        pass
     import resource
 
     kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

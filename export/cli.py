@@ -10,7 +10,7 @@ import click
 from edge_runtime.cliutil import handle_errors
 from edge_runtime.errors import BadInput
 
-from .config import CONFIGS, get_config
+from .config import CONFIGS, TEST_START, get_config
 
 
 @click.group()
@@ -58,7 +58,7 @@ def pipeline(out: Path, config_name: str, seed: int, signing_key: Path | None, m
 @click.option("--sites", default=4, show_default=True, type=click.IntRange(1, 1000), help="Number of sites (non-IID).")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Cohort seed (use the bundle's).")
 @click.option("--config", "config_name", default="tiny", show_default=True, type=click.Choice(sorted(CONFIGS)), help="Input shapes.")
-@click.option("--start", default=1_000_000, show_default=True, type=click.IntRange(min=0),
+@click.option("--start", default=TEST_START, show_default=True, type=click.IntRange(min=0),
               help="First case index; the default lies outside the pipeline's training cases.")
 @click.option("--ct-format", default="dicom", show_default=True, type=click.Choice(["dicom", "nifti"]), help="How CT is written.")
 @handle_errors

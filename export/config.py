@@ -8,6 +8,10 @@ from edge_runtime.errors import BadInput
 from edge_runtime.synthetic import InputSpec
 
 
+# First synthetic case index of the validation and test splits (training starts at 0).
+VAL_START, TEST_START = 500_000, 1_000_000
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     dim: int  # shared embedding space
@@ -23,15 +27,16 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    train_cases: int = 480
-    val_cases: int = 0
-    test_cases: int = 240
+    train_cases: int = 960
+    val_cases: int = 160  # picks the best epoch: small cohorts overfit within a few epochs
+    test_cases: int = 400
     stats_cases: int = 128  # cases used to fit colour / gene statistics
     calib_cases: int = 32
-    teacher_epochs: int = 6
-    student_epochs: int = 6
+    teacher_epochs: int = 5
+    student_epochs: int = 5
     batch_size: int = 16
     lr: float = 3e-3
+    weight_decay: float = 0.05
     modality_dropout: float = 0.25
     contrastive_weight: float = 0.2
     contrastive_temperature: float = 0.2
@@ -84,7 +89,7 @@ FULL = PipelineConfig(
         student_path=(16, 32, 64, 96, 128),
         student_gen=128,
     ),
-    train=TrainConfig(train_cases=4000, test_cases=1000, teacher_epochs=20, student_epochs=20, batch_size=32, lr=1e-3),
+    train=TrainConfig(train_cases=4000, val_cases=500, test_cases=1000, teacher_epochs=20, student_epochs=20, batch_size=32, lr=1e-3),
 )
 
 # Smoke tests only: small inputs and few cases, seconds on 2 cores. Accuracy is not its point.
@@ -92,7 +97,9 @@ MICRO = PipelineConfig(
     name="micro",
     input=InputSpec(ct_grid=(8, 32, 32), tile=32, n_genes=64),
     model=replace(TINY.model, dim=16, teacher_gen=(32, 16), student_gen=16),
-    train=TrainConfig(train_cases=64, test_cases=48, stats_cases=32, calib_cases=8, teacher_epochs=2, student_epochs=2),
+    train=TrainConfig(
+        train_cases=64, val_cases=16, test_cases=48, stats_cases=32, calib_cases=8, teacher_epochs=2, student_epochs=2
+    ),
 )
 
 CONFIGS = {c.name: c for c in (TINY, FULL, MICRO)}

@@ -221,10 +221,14 @@ class Teacher(nn.Module):
             embs.append(self.alignment(m, feats) * mask[:, i : i + 1])
         return torch.stack(embs, 1)
 
+    def classify(self, emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Logits from shared-space embeddings of the modalities ``mask`` keeps."""
+        fused, _ = self.fusion(emb * mask.unsqueeze(-1), mask)
+        return self.classifier(fused)
+
     def forward(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         emb = self.embed(inputs, mask)
-        fused, _ = self.fusion(emb, mask)
-        return self.classifier(fused), emb
+        return self.classify(emb, mask), emb
 
 
 # ---------------------------------------------------------------- student (edge split)

@@ -6,6 +6,7 @@ end, so a failure at any step leaves no half bundle behind.
 
 from __future__ import annotations
 
+import io
 import json
 import tempfile
 import time
@@ -29,7 +30,7 @@ from edge_runtime.synthetic import SynthConfig, SyntheticCohort
 from quantize.calibration import StreamingReader
 from quantize.static import quantize_int8
 
-from .config import PipelineConfig
+from .config import TEST_START, VAL_START, PipelineConfig
 from .data import PreparedCases, batches
 from .models import Student, Teacher, count_parameters
 from .onnx_export import export_student
@@ -64,14 +65,21 @@ class PipelineResult:
 @dataclass(frozen=True)
 class Splits:
     train: range
+    val: range
     test: range
     calib: range
 
     @classmethod
     def of(cls, cfg: PipelineConfig) -> "Splits":
         t = cfg.train
-        # Test cases sit far from the training indices; calibration reuses training cases.
-        return cls(train=range(0, t.train_cases), test=range(1_000_000, 1_000_000 + t.test_cases), calib=range(0, t.calib_cases))
+        # Disjoint index ranges; calibration reuses training cases. `edge-export synth` writes from
+        # TEST_START by default, so demo files are held-out cases.
+        return cls(
+            train=range(0, t.train_cases),
+            val=range(VAL_START, VAL_START + t.val_cases),
+            test=range(TEST_START, TEST_START + t.test_cases),
+            calib=range(0, t.calib_cases),
+        )
 
 
 def _calibration_inputs(cohort: SyntheticCohort, pre: Preprocessing, indices: range, modality: str) -> Iterator[dict[str, np.ndarray]]:
@@ -101,6 +109,55 @@ def _signing_key(out: Path, key_path: Path | None):
     return generate_key(), out / SIGNING_KEY
 
 
+class StepTimer:
+    """Wall-clock seconds per pipeline step, for the report."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._clock = time.perf_counter()
+
+    def lap(self, step: str) -> None:
+        now = time.perf_counter()
+        self.seconds[step] = round(now - self._clock, 2)
+        self._clock = now
+
+
+def quantize_encoders(
+    fp32: dict[str, Path], cohort: SyntheticCohort, pre: Preprocessing, calib: range, out_dir: Path
+) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    int8 = {}
+    for m in MODALITIES:
+        reader = StreamingReader(lambda m=m: _calibration_inputs(cohort, pre, calib, m))
+        int8[m] = quantize_int8(fp32[m], out_dir / f"{m}.onnx", reader)
+    return int8
+
+
+def manifest_body(
+    cfg: PipelineConfig, seed: int, model_version: str, pre: Preprocessing, auc: dict[str, float], n_test: int, params: dict
+) -> dict:
+    """Everything the bundle says about the model, except the file list and signature."""
+    return {
+        "model_version": model_version,
+        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "config": cfg.name,
+        "classes": list(cfg.classes),
+        "modalities": list(MODALITIES),
+        "embedding_dim": cfg.model.dim,
+        "preprocessing": pre.to_dict(),
+        "synthetic": {"seed": seed, "n_sites": cfg.n_sites},
+        "head": {"file": "head.onnx", "format": "onnx-fp32"},
+        "variants": [
+            {"name": "int8", "encoders": {m: f"encoders/int8/{m}.onnx" for m in MODALITIES}, "auc": auc["student_int8"],
+             "quantization": "QDQ per-channel U8/S8 MinMax reduce_range"},
+            {"name": "fp32", "encoders": {m: f"encoders/fp32/{m}.onnx" for m in MODALITIES}, "auc": auc["student_fp32"]},
+        ],
+        "default_variant": "int8",
+        "metrics": {"test_cases": n_test, "auc": auc, "parameters": params},
+        "budgets": DEFAULT_BUDGETS,
+    }
+
+
 def run_pipeline(
     out: Path, cfg: PipelineConfig, seed: int = 0, signing_key: Path | None = None,
     model_version: str = "1", log: Callable[[str], None] = print,
@@ -112,15 +169,7 @@ def run_pipeline(
         raise BadInput(f"{out}: exists and is not a directory")
     key, new_key_path = _signing_key(out, signing_key)  # fail on a bad key before hours of training
     torch.manual_seed(seed)
-    seconds: dict[str, float] = {}
-    clock = time.perf_counter()
-
-    def lap(step: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        seconds[step] = round(now - clock, 2)
-        clock = now
-
+    timer = StepTimer()
     cohort = SyntheticCohort(SynthConfig(seed=seed, n_sites=cfg.n_sites, spec=cfg.input))
     splits = Splits.of(cfg)
     n_genes, n_classes = cfg.input.n_genes, len(cfg.classes)
@@ -128,26 +177,22 @@ def run_pipeline(
     with tempfile.TemporaryDirectory(dir=out, prefix=".work-") as work_dir:
         work = Path(work_dir)
         pre = fit_preprocessing(cohort.iter_cases(0, min(cfg.train.stats_cases, cfg.train.train_cases)), cfg.input)
-        data = PreparedCases(work / "cases", cohort, pre, splits.train)
-        lap("prepare")
-
+        data = PreparedCases(work / "train", cohort, pre, splits.train)
+        val = PreparedCases(work / "val", cohort, pre, splits.val)
+        timer.lap("prepare")
         teacher = Teacher(cfg.model, n_genes, n_classes, cfg.train.contrastive_temperature)
-        train_teacher(teacher, data, cfg.train, seed, log)
-        lap("teacher")
-        student = distill(Student(cfg.model, n_genes, n_classes), teacher, data, cfg.train, seed, log)
-        del data
-        lap("distill")
+        train_teacher(teacher, data, val, cfg.train, seed, log)
+        timer.lap("teacher")
+        student = distill(Student(cfg.model, n_genes, n_classes), teacher, data, val, cfg.train, seed, log)
+        del data, val
+        timer.lap("distill")
 
         fp32 = export_student(student, pre, work / "fp32", seed)
         log("exported ONNX encoders and head; parity with torch within 1e-4")
-        lap("export")
-        int8: dict[str, Path] = {}
-        (work / "int8").mkdir()
-        for m in MODALITIES:
-            reader = StreamingReader(lambda m=m: _calibration_inputs(cohort, pre, splits.calib, m))
-            int8[m] = quantize_int8(fp32[m], work / "int8" / f"{m}.onnx", reader)
+        timer.lap("export")
+        int8 = quantize_encoders(fp32, cohort, pre, splits.calib, work / "int8")
         log(f"quantized encoders to INT8 (calibration: {len(splits.calib)} streamed cases)")
-        lap("quantize")
+        timer.lap("quantize")
 
         models = {
             "student_fp32": EdgeModel(fp32, fp32["head"], pre, list(cfg.classes), cfg.model.dim),
@@ -155,41 +200,24 @@ def run_pipeline(
         }
         auc = evaluate(cohort, pre, splits.test, teacher, models, cfg.train.batch_size)
         del models
-        lap("evaluate")
+        timer.lap("evaluate")
 
         files = {"head.onnx": fp32["head"]}
-        files.update({f"encoders/int8/{m}.onnx": int8[m] for m in MODALITIES})
-        files.update({f"encoders/fp32/{m}.onnx": fp32[m] for m in MODALITIES})
+        for variant, paths in (("int8", int8), ("fp32", fp32)):
+            files.update({f"encoders/{variant}/{m}.onnx": paths[m] for m in MODALITIES})
         sizes = {"head": fp32["head"].stat().st_size}
         sizes.update({f"encoders_{v}": sum(p[m].stat().st_size for m in MODALITIES) for v, p in (("fp32", fp32), ("int8", int8))})
         params = {"teacher": count_parameters(teacher), "student": count_parameters(student)}
-        body = {
-            "model_version": model_version,
-            "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "config": cfg.name,
-            "classes": list(cfg.classes),
-            "modalities": list(MODALITIES),
-            "embedding_dim": cfg.model.dim,
-            "preprocessing": pre.to_dict(),
-            "synthetic": {"seed": seed, "n_sites": cfg.n_sites},
-            "head": {"file": "head.onnx", "format": "onnx-fp32"},
-            "variants": [
-                {"name": "int8", "encoders": {m: f"encoders/int8/{m}.onnx" for m in MODALITIES}, "auc": auc["student_int8"],
-                 "quantization": "QDQ per-channel U8/S8 MinMax reduce_range"},
-                {"name": "fp32", "encoders": {m: f"encoders/fp32/{m}.onnx" for m in MODALITIES}, "auc": auc["student_fp32"]},
-            ],
-            "default_variant": "int8",
-            "metrics": {"test_cases": len(splits.test), "auc": auc, "parameters": params},
-            "budgets": DEFAULT_BUDGETS,
-        }
-        bundle_dir = out / BUNDLE_DIR
-        write_bundle(bundle_dir, files, body, key)
+        body = manifest_body(cfg, seed, model_version, pre, auc, len(splits.test), params)
+        bundle_dir = write_bundle(out / BUNDLE_DIR, files, body, key)
     public_key = default_public_key_path(bundle_dir)
     save_public_key(key.public_key(), public_key)
     if new_key_path is not None:
         save_private_key(key, new_key_path)
-    torch.save({"teacher": teacher.state_dict(), "student": student.state_dict(), "config": cfg.name}, out / "checkpoints.pt")
-    lap("bundle")
-    result = PipelineResult(bundle_dir, public_key, auc, sizes, params, seconds)
+    checkpoint = io.BytesIO()
+    torch.save({"teacher": teacher.state_dict(), "student": student.state_dict(), "config": cfg.name}, checkpoint)
+    write_atomic(out / "checkpoints.pt", checkpoint.getvalue())
+    timer.lap("bundle")
+    result = PipelineResult(bundle_dir, public_key, auc, sizes, params, timer.seconds)
     write_atomic(out / "report.json", json.dumps(result.to_dict(), indent=2).encode())
     return result

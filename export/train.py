@@ -8,11 +8,14 @@ Both use modality dropout, so every non-empty subset of modalities is seen in tr
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from edge_runtime.metrics import roc_auc
 
 from .config import TrainConfig
 from .data import Batch, PreparedCases
@@ -33,26 +36,57 @@ def _epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, 7, epoch]).permutation(n)
 
 
-def train_teacher(teacher: Teacher, data: PreparedCases, cfg: TrainConfig, seed: int, log: Log) -> Teacher:
+@torch.no_grad()
+def validation_auc(model: torch.nn.Module, val: PreparedCases, batch_size: int) -> float:
+    model.eval()
+    labels, scores = [], []
+    for batch in val.batches(np.arange(len(val)), batch_size):
+        labels.extend(batch.labels.tolist())
+        scores.extend(positive_probability(model, batch).tolist())
+    return roc_auc(np.asarray(labels), np.asarray(scores))
+
+
+def fit(
+    model: torch.nn.Module, loss_fn: Callable[[Batch, torch.Tensor], torch.Tensor], data: PreparedCases,
+    val: PreparedCases | None, cfg: TrainConfig, epochs: int, seed: int, name: str, log: Log,
+) -> torch.nn.Module:
+    """The loop both models share: AdamW with cosine decay, modality dropout, and the weights of the
+    epoch with the best validation AUC kept (small cohorts overfit within a few epochs)."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(teacher.parameters(), lr=cfg.lr, weight_decay=1e-4)
-    teacher.train()
-    for epoch in range(cfg.teacher_epochs):
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps = epochs * max(1, -(-len(data) // cfg.batch_size))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    best_auc, best_state = -np.inf, None
+    for epoch in range(epochs):
+        model.train()
         total, n = 0.0, 0
         for batch in data.batches(_epoch_order(len(data), seed, epoch), cfg.batch_size):
-            mask = drop_modalities(batch.mask, cfg.modality_dropout, gen)
-            logits, emb = teacher(batch.inputs, mask)
-            # Alignment sees all present modalities: dropout is for the classifier's robustness.
-            align = teacher.alignment.loss(teacher.embed(batch.inputs, batch.mask), batch.mask) if cfg.contrastive_weight else 0.0
-            loss = F.cross_entropy(logits, batch.labels) + cfg.contrastive_weight * align
+            loss = loss_fn(batch, drop_modalities(batch.mask, cfg.modality_dropout, gen))
             opt.zero_grad()
             loss.backward()
             opt.step()
+            sched.step()
             total, n = total + loss.item() * len(batch.labels), n + len(batch.labels)
-        log(f"teacher epoch {epoch + 1}/{cfg.teacher_epochs}: loss {total / max(n, 1):.4f}")
-    teacher.eval()
-    return teacher
+        auc = validation_auc(model, val, cfg.batch_size) if val is not None and len(val) else float("nan")
+        log(f"{name} epoch {epoch + 1}/{epochs}: loss {total / max(n, 1):.4f}  validation AUC {auc:.4f}")
+        if val is None or not len(val) or auc > best_auc:
+            best_auc, best_state = auc, copy.deepcopy(model.state_dict())
+    model.load_state_dict(best_state)
+    model.eval()
+    return model
+
+
+def train_teacher(teacher: Teacher, data: PreparedCases, val: PreparedCases | None, cfg: TrainConfig, seed: int, log: Log) -> Teacher:
+    def loss_fn(batch: Batch, mask: torch.Tensor) -> torch.Tensor:
+        # One encoder pass: alignment sees every present modality, the classifier only the kept ones.
+        emb = teacher.embed(batch.inputs, batch.mask)
+        loss = F.cross_entropy(teacher.classify(emb, mask), batch.labels)
+        if cfg.contrastive_weight:
+            loss = loss + cfg.contrastive_weight * teacher.alignment.loss(emb, batch.mask)
+        return loss
+
+    return fit(teacher, loss_fn, data, val, cfg, cfg.teacher_epochs, seed, "teacher", log)
 
 
 def distillation_loss(
@@ -66,27 +100,18 @@ def distillation_loss(
     return (1 - cfg.kd_alpha) * ce + cfg.kd_alpha * kl + cfg.feature_weight * feat
 
 
-def distill(student: Student, teacher: Teacher, data: PreparedCases, cfg: TrainConfig, seed: int, log: Log) -> Student:
-    torch.manual_seed(seed + 1)
-    gen = torch.Generator().manual_seed(seed + 1)
-    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=1e-4)
+def distill(
+    student: Student, teacher: Teacher, data: PreparedCases, val: PreparedCases | None, cfg: TrainConfig, seed: int, log: Log
+) -> Student:
     teacher.eval()
-    student.train()
-    for epoch in range(cfg.student_epochs):
-        total, n = 0.0, 0
-        for batch in data.batches(_epoch_order(len(data), seed + 1, epoch), cfg.batch_size):
-            mask = drop_modalities(batch.mask, cfg.modality_dropout, gen)
-            with torch.no_grad():
-                t_logits, t_emb = teacher(batch.inputs, mask)
-            s_logits, s_emb = student(batch.inputs, mask)
-            loss = distillation_loss(s_logits, s_emb, t_logits, t_emb, batch.labels, mask, cfg)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total, n = total + loss.item() * len(batch.labels), n + len(batch.labels)
-        log(f"student epoch {epoch + 1}/{cfg.student_epochs}: loss {total / max(n, 1):.4f}")
-    student.eval()
-    return student
+
+    def loss_fn(batch: Batch, mask: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            t_logits, t_emb = teacher(batch.inputs, mask)
+        s_logits, s_emb = student(batch.inputs, mask)
+        return distillation_loss(s_logits, s_emb, t_logits, t_emb, batch.labels, mask, cfg)
+
+    return fit(student, loss_fn, data, val, cfg, cfg.student_epochs, seed + 1, "student", log)
 
 
 @torch.no_grad()

@@ -14,6 +14,9 @@ python3 -m venv .venv
 echo "== edge-export pipeline: synthetic cohort -> teacher -> student -> ONNX -> INT8 -> signed bundle"
 .venv/bin/edge-export pipeline --out "$OUT" --config tiny --seed "$SEED"
 
+echo "== edge-export synth: held-out cases written as a clinic has them (DICOM series, PNG tiles, CSV), some modalities missing"
+.venv/bin/edge-export synth --out "$OUT/cases" --cases 24 --seed "$SEED" --config tiny
+
 echo "== clinic side: plain 'pip install .' (no torch)"
 python3 -m venv .venv-clinic
 .venv-clinic/bin/python -m pip install -q --upgrade pip
@@ -21,9 +24,10 @@ python3 -m venv .venv-clinic
 if .venv-clinic/bin/python -c "import torch" 2>/dev/null; then echo "torch leaked into the clinic install" >&2; exit 1; fi
 echo "torch is not installed in .venv-clinic"
 
-echo "== edge-run infer (hashes and signature verified first)"
-.venv-clinic/bin/edge-run infer --bundle "$OUT/bundle" --synthetic \
-  --case-id 1000000 --case-id 1000001 --case-id 1000002 --case-id 1000003 --json
+echo "== edge-run infer on the case files (hashes and signature verified first)"
+.venv-clinic/bin/edge-run infer --bundle "$OUT/bundle" --manifest "$OUT/cases/manifest.csv"
+.venv-clinic/bin/edge-run infer --bundle "$OUT/bundle" --manifest "$OUT/cases/manifest.csv" --json > "$OUT/predictions.jsonl"
+echo "(JSON lines in $OUT/predictions.jsonl; the true labels are in $OUT/cases/manifest.csv)"
 
 echo "== edge-run profile against the budgets (1.8 GB, 200 ms)"
 .venv-clinic/bin/edge-run profile --bundle "$OUT/bundle" --cases 50 --mem-budget 1.8GB --latency-budget 200ms --json \

@@ -85,3 +85,25 @@ def test_student_is_smaller_than_teacher():
 
     assert count_parameters(Student(MICRO.model, G, 2)) < count_parameters(Teacher(MICRO.model, G, 2))
     assert len(MODALITIES) == 3
+
+
+def test_fit_keeps_the_best_validation_epoch(tmp_path):
+    import re
+
+    from edge_runtime.synthetic import SynthConfig, SyntheticCohort
+    from export.data import PreparedCases
+    from export.stats import fit_preprocessing
+    from export.train import train_teacher, validation_auc
+
+    cohort = SyntheticCohort(SynthConfig(seed=1, spec=MICRO.input))
+    pre = fit_preprocessing(cohort.iter_cases(0, 16), MICRO.input)
+    data = PreparedCases(tmp_path / "train", cohort, pre, range(48))
+    val = PreparedCases(tmp_path / "val", cohort, pre, range(500, 540))
+    assert len(data) == 48 and data.arrays["ct"].dtype.name == "float16"
+    lines: list[str] = []
+    cfg = TrainConfig(teacher_epochs=4, batch_size=8, lr=1e-2)
+    teacher = train_teacher(Teacher(MICRO.model, G, 2), data, val, cfg, seed=0, log=lines.append)
+    aucs = [float(re.search(r"validation AUC (\S+)", line).group(1)) for line in lines]
+    assert len(aucs) == 4
+    assert validation_auc(teacher, val, 8) == pytest.approx(max(aucs), abs=1e-4)
+    assert not teacher.training

@@ -66,12 +66,32 @@ def _read_header(path: Path):
     pydicom = _pydicom()
     try:
         return pydicom.dcmread(path, stop_before_pixels=True)
-    except (pydicom.errors.InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError) as exc:
+    except Exception as exc:  # pydicom raises many types (incl. NotImplementedError) on damaged files
         raise BadInput(f"{path}: not a readable DICOM file ({type(exc).__name__})") from exc
 
 
+def _get(ds, keyword: str, where: Path, default=None):
+    """A tag's value; pydicom decodes elements lazily, so a damaged one fails only when read."""
+    try:
+        return getattr(ds, keyword, default)
+    except Exception as exc:
+        raise BadInput(f"{where}: DICOM tag {keyword} is unreadable ({type(exc).__name__})") from exc
+
+
+def _int(ds, keyword: str, where: Path, default: int | None = None) -> int:
+    value = _get(ds, keyword, where)
+    if value is None or value == "":
+        if default is None:
+            raise BadInput(f"{where}: DICOM tag {keyword} is missing")
+        return default
+    try:
+        return int(value)
+    except (TypeError, ValueError) as exc:
+        raise BadInput(f"{where}: DICOM tag {keyword} is not an integer") from exc
+
+
 def _floats(ds, keyword: str, n: int, where: Path) -> np.ndarray:
-    value = getattr(ds, keyword, None)
+    value = _get(ds, keyword, where)
     try:
         arr = np.asarray([float(v) for v in value], dtype=np.float64)
     except (TypeError, ValueError) as exc:
@@ -82,13 +102,26 @@ def _floats(ds, keyword: str, n: int, where: Path) -> np.ndarray:
 
 
 def _check_ct(ds, where: Path) -> None:
-    modality = str(getattr(ds, "Modality", "") or "")
+    modality = str(_get(ds, "Modality", where, "") or "")
     if modality != "CT":
         raise BadInput(f"{where}: DICOM modality is {modality or 'missing'}, not CT")
-    if str(getattr(ds, "SOPClassUID", "")) not in CT_SOP_CLASSES:
-        raise BadInput(f"{where}: DICOM SOP class {getattr(ds, 'SOPClassUID', '?')} is not a CT image")
-    if int(getattr(ds, "SamplesPerPixel", 1)) != 1:
+    sop_class = str(_get(ds, "SOPClassUID", where, ""))
+    if sop_class not in CT_SOP_CLASSES:
+        raise BadInput(f"{where}: DICOM SOP class {sop_class or 'missing'} is not a CT image")
+    if _int(ds, "SamplesPerPixel", where, default=1) != 1:
         raise BadInput(f"{where}: CT image must be single-channel")
+
+
+def _rescale(ds, where: Path) -> tuple[float, float]:
+    """RescaleSlope / RescaleIntercept (stored value -> HU); absent tags mean 1 and 0."""
+    try:
+        slope = float(_get(ds, "RescaleSlope", where, 1) or 1)
+        intercept = float(_get(ds, "RescaleIntercept", where, 0) or 0)
+    except (TypeError, ValueError) as exc:
+        raise BadInput(f"{where}: DICOM rescale tags are not numeric") from exc
+    if not (np.isfinite(slope) and np.isfinite(intercept)) or slope == 0:
+        raise BadInput(f"{where}: DICOM rescale slope/intercept {slope}/{intercept} are unusable")
+    return slope, intercept
 
 
 @dataclass
@@ -108,10 +141,10 @@ def read_dicom_series(source: Path | list[Path], target: TargetGrid, where: Path
     first_path, first = headers[0]
     for p, ds in headers:
         _check_ct(ds, p)
-    series = {str(getattr(ds, "SeriesInstanceUID", "")) for _, ds in headers}
+    series = {str(_get(ds, "SeriesInstanceUID", p, "")) for p, ds in headers}
     if len(series) != 1:
         raise BadInput(f"{where}: folder mixes {len(series)} DICOM series; give one series per case")
-    if len(headers) == 1 and int(getattr(first, "NumberOfFrames", 1) or 1) > 1:
+    if len(headers) == 1 and _int(first, "NumberOfFrames", first_path, default=1) > 1:
         return _read_multiframe(first_path, first, target)
     return _read_single_frames(headers, target, where)
 
@@ -128,14 +161,14 @@ def _read_single_frames(headers: list, target: TargetGrid, where: Path) -> np.nd
     first_path, first = headers[0]
     orientation = _floats(first, "ImageOrientationPatient", 6, first_path)
     normal = _normal(orientation)
-    rows, cols = int(first.Rows), int(first.Columns)
+    rows, cols = _int(first, "Rows", first_path), _int(first, "Columns", first_path)
     spacing = _floats(first, "PixelSpacing", 2, first_path)  # (row spacing, column spacing) = (y, x)
     slices = []
     for p, ds in headers:
         if not np.allclose(_floats(ds, "ImageOrientationPatient", 6, p), orientation, atol=1e-3):
             raise BadInput(f"{p}: slice orientation differs from the rest of the series")
-        if (int(ds.Rows), int(ds.Columns)) != (rows, cols):
-            raise BadInput(f"{p}: slice size {ds.Columns}x{ds.Rows} differs from the rest of the series ({cols}x{rows})")
+        if (_int(ds, "Rows", p), _int(ds, "Columns", p)) != (rows, cols):
+            raise BadInput(f"{p}: slice size {_int(ds, 'Columns', p)}x{_int(ds, 'Rows', p)} differs from the rest of the series ({cols}x{rows})")
         slices.append(_Slice(p, float(_floats(ds, "ImagePositionPatient", 3, p) @ normal)))
     if len(slices) < MIN_SLICES:
         raise BadInput(f"{where}: CT series has {len(slices)} slices, at least {MIN_SLICES} are needed")
@@ -154,17 +187,16 @@ def _read_single_frames(headers: list, target: TargetGrid, where: Path) -> np.nd
             raise BadInput(f"{s.path}: cannot decode DICOM pixel data ({type(exc).__name__})") from exc
         if pixels.shape != (rows, cols):
             raise BadInput(f"{s.path}: pixel data shape {pixels.shape} does not match Rows/Columns")
-        slope = float(getattr(ds, "RescaleSlope", 1) or 1)
-        intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
+        slope, intercept = _rescale(ds, s.path)
         stack[i] = plane(pixels.astype(np.float32) * slope + intercept)
     return resample_slices(stack, positions, target.grid[0], target.spacing_mm[0])
 
 
 def _read_multiframe(path: Path, header, target: TargetGrid) -> np.ndarray:
     """Enhanced (multi-frame) CT: geometry and rescale from the functional groups."""
-    shared = getattr(header, "SharedFunctionalGroupsSequence", [None])[0]
-    frames = getattr(header, "PerFrameFunctionalGroupsSequence", None)
-    n = int(header.NumberOfFrames)
+    shared = (_get(header, "SharedFunctionalGroupsSequence", path) or [None])[0]
+    frames = _get(header, "PerFrameFunctionalGroupsSequence", path)
+    n = _int(header, "NumberOfFrames", path)
     if shared is None or frames is None or len(frames) != n:
         raise BadInput(f"{path}: multi-frame CT lacks its functional groups (geometry per frame)")
     try:
@@ -180,9 +212,10 @@ def _read_multiframe(path: Path, header, target: TargetGrid) -> np.ndarray:
         pixels = _pydicom().dcmread(path).pixel_array
     except Exception as exc:
         raise BadInput(f"{path}: cannot decode DICOM pixel data ({type(exc).__name__})") from exc
-    transform = getattr(shared, "PixelValueTransformationSequence", None)
-    slope = float(transform[0].RescaleSlope) if transform else float(getattr(header, "RescaleSlope", 1) or 1)
-    intercept = float(transform[0].RescaleIntercept) if transform else float(getattr(header, "RescaleIntercept", 0) or 0)
+    transform = _get(shared, "PixelValueTransformationSequence", path)
+    slope, intercept = _rescale(transform[0] if transform else header, path)
+    if pixels.shape != (n, *pixels.shape[1:]) or pixels.ndim != 3:
+        raise BadInput(f"{path}: pixel data shape {pixels.shape} does not match {n} frames")
     order = np.argsort(positions)
     if np.any(np.diff(positions[order]) < 1e-3):
         raise BadInput(f"{path}: CT frames share a position")

@@ -58,18 +58,23 @@ def _read_dicom_tiles(path: Path) -> list[np.ndarray]:
 
     try:
         ds = pydicom.dcmread(path)
-    except Exception as exc:
+        modality = str(getattr(ds, "Modality", "") or "")
+        samples = str(getattr(ds, "SamplesPerPixel", ""))
+    except Exception as exc:  # pydicom raises many types, some only when a tag is first read
         raise BadInput(f"{path}: not a readable DICOM file ({type(exc).__name__})") from exc
-    modality = str(getattr(ds, "Modality", "") or "")
     if modality not in PATHOLOGY_MODALITIES:
         raise BadInput(f"{path}: DICOM modality is {modality or 'missing'}, not a pathology image (SM/OT)")
-    if int(getattr(ds, "SamplesPerPixel", 1)) != 3:
+    if samples != "3":
         raise BadInput(f"{path}: pathology tile must be a colour (3-sample) image")
     try:
         pixels = ds.pixel_array  # pydicom 3 converts YCbCr to RGB itself (as_rgb)
     except Exception as exc:
         raise BadInput(f"{path}: cannot decode DICOM pixel data ({type(exc).__name__})") from exc
-    if int(getattr(ds, "BitsAllocated", 8)) != 8:
-        pixels = (pixels.astype(np.float64) / np.iinfo(pixels.dtype).max * 255).round()
+    if pixels.dtype != np.uint8:
+        if not np.issubdtype(pixels.dtype, np.integer):
+            raise BadInput(f"{path}: pathology pixels are {pixels.dtype}, expected integers")
+        pixels = (pixels.astype(np.float64) / np.iinfo(pixels.dtype).max * 255).round().clip(0, 255)
+    if pixels.ndim not in (3, 4) or pixels.shape[-1] != 3:
+        raise BadInput(f"{path}: pathology pixel data has shape {pixels.shape}, expected RGB frames")
     frames = pixels if pixels.ndim == 4 else pixels[None]
     return [np.ascontiguousarray(f, dtype=np.uint8) for f in frames]

@@ -1,0 +1,1 @@
+"""Federation shared by the simulation and the aggregation server: numpy only."""
