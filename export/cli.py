@@ -52,6 +52,33 @@ def pipeline(out: Path, config_name: str, seed: int, signing_key: Path | None, m
     click.echo(f"bundle: {result.bundle_dir}   trusted key: {result.public_key}")
 
 
+@main.command("train-teacher")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for federated.pt and rounds.jsonl.")
+@click.option("--sites", default=4, show_default=True, type=click.IntRange(1, 64), help="Simulated sites (non-IID).")
+@click.option("--rounds", default=5, show_default=True, type=click.IntRange(1, 10_000), help="Federated rounds.")
+@click.option("--strategy", default="dwfl", show_default=True, type=click.Choice(["dwfl", "fedavg", "fedprox", "fedavgm"]))
+@click.option("--config", "config_name", default="tiny", show_default=True, type=click.Choice(sorted(CONFIGS)), help="Model size.")
+@click.option("--cases-per-site", default=120, show_default=True, type=click.IntRange(4, 1_000_000))
+@click.option("--local-epochs", default=1, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--beta", default=0.3, show_default=True, type=click.FloatRange(0.0, 1.0), help="DW-FL dynamic share.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--resume", is_flag=True, help="Continue after the last checkpointed round.")
+@click.option("--threads", default=2, show_default=True, type=click.IntRange(1, 256), help="torch threads.")
+@handle_errors
+def train_teacher(out: Path, sites: int, rounds: int, strategy: str, config_name: str, cases_per_site: int,
+                  local_epochs: int, beta: float, seed: int, resume: bool, threads: int) -> None:
+    """Federated teacher training, simulated: each site streams only its own cases; per round the
+    per-site validation AUC and aggregation weights are logged (OUT/rounds.jsonl) and checkpointed."""
+    import torch
+
+    from .federated import FederationSpec, run_federation
+
+    torch.set_num_threads(threads)
+    spec = FederationSpec(sites=sites, rounds=rounds, strategy=strategy, local_epochs=local_epochs,
+                          cases_per_site=cases_per_site, beta=beta)
+    run_federation(out, get_config(config_name), spec, seed, resume, click.echo)
+
+
 @main.command()
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for the case files and manifest.csv.")
 @click.option("--cases", default=20, show_default=True, type=click.IntRange(1, 1_000_000), help="Number of cases.")

@@ -38,6 +38,7 @@ class TrainConfig:
     lr: float = 3e-3
     weight_decay: float = 0.05
     modality_dropout: float = 0.25
+    augment: bool = True  # flips / turns of images, noise on expression
     contrastive_weight: float = 0.2
     contrastive_temperature: float = 0.2
     kd_temperature: float = 2.0

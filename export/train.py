@@ -32,6 +32,22 @@ def drop_modalities(mask: torch.Tensor, p: float, gen: torch.Generator) -> torch
     return keep
 
 
+def augment(inputs: dict[str, torch.Tensor], gen: torch.Generator, gene_noise: float = 0.1) -> dict[str, torch.Tensor]:
+    """Label-preserving augmentation, per case: left/right and front/back flips of the CT volume,
+    flips and 90-degree turns of the tile, small noise on the z-scored expression values."""
+    out = dict(inputs)
+    for name, dims in (("ct", (-1, -2)), ("pathology", (-1, -2))):
+        x = out[name]
+        for dim in dims:
+            flip = (torch.rand(x.shape[0], generator=gen) < 0.5).view(-1, *([1] * (x.ndim - 1)))
+            x = torch.where(flip, x.flip(dim), x)
+        out[name] = x
+    turn = (torch.rand(out["pathology"].shape[0], generator=gen) < 0.5).view(-1, 1, 1, 1)
+    out["pathology"] = torch.where(turn, out["pathology"].transpose(-1, -2), out["pathology"])
+    out["genomics"] = out["genomics"] + gene_noise * torch.randn(out["genomics"].shape, generator=gen)
+    return out
+
+
 def _epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, 7, epoch]).permutation(n)
 
@@ -62,6 +78,8 @@ def fit(
         model.train()
         total, n = 0.0, 0
         for batch in data.batches(_epoch_order(len(data), seed, epoch), cfg.batch_size):
+            if cfg.augment:
+                batch = Batch(augment(batch.inputs, gen), batch.mask, batch.labels, batch.case_ids)
             loss = loss_fn(batch, drop_modalities(batch.mask, cfg.modality_dropout, gen))
             opt.zero_grad()
             loss.backward()
@@ -70,7 +88,7 @@ def fit(
             total, n = total + loss.item() * len(batch.labels), n + len(batch.labels)
         auc = validation_auc(model, val, cfg.batch_size) if val is not None and len(val) else float("nan")
         log(f"{name} epoch {epoch + 1}/{epochs}: loss {total / max(n, 1):.4f}  validation AUC {auc:.4f}")
-        if val is None or not len(val) or auc > best_auc:
+        if best_state is None or not auc <= best_auc:  # NaN (no validation, or one class) keeps the latest
             best_auc, best_state = auc, copy.deepcopy(model.state_dict())
     model.load_state_dict(best_state)
     model.eval()

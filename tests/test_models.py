@@ -107,3 +107,18 @@ def test_fit_keeps_the_best_validation_epoch(tmp_path):
     assert len(aucs) == 4
     assert validation_auc(teacher, val, 8) == pytest.approx(max(aucs), abs=1e-4)
     assert not teacher.training
+
+
+def test_augment_is_label_preserving_geometry_only():
+    from export.train import augment
+
+    gen = torch.Generator().manual_seed(0)
+    x = _inputs(6)
+    out = augment(x, gen)
+    assert all(out[m].shape == x[m].shape for m in x)
+    for i in range(6):
+        # Flips and turns permute voxels: the multiset of values of every case is unchanged.
+        for m in ("ct", "pathology"):
+            assert torch.allclose(out[m][i].flatten().sort().values, x[m][i].flatten().sort().values)
+    assert not torch.equal(out["ct"], x["ct"]) and not torch.equal(out["pathology"], x["pathology"])
+    assert 0.05 < (out["genomics"] - x["genomics"]).std() < 0.2

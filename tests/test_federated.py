@@ -1,0 +1,54 @@
+"""Federated teacher simulation on micro data: rounds, logs, checkpoints, resume, strategies."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from edge_runtime.errors import BadInput
+from export.config import MICRO
+from export.federated import LOG, FederationSpec, branch_of, run_federation
+
+CFG = MICRO.with_train(batch_size=8)
+
+
+def test_branch_of_teacher_parameters():
+    assert branch_of("encoders.ct.stem.0.weight") == "ct"
+    assert branch_of("alignment.proj.genomics.0.weight") == "genomics"
+    assert branch_of("fusion.v.weight") is None and branch_of("classifier.0.bias") is None
+
+
+def test_rounds_log_checkpoint_and_resume(tmp_path):
+    spec = FederationSpec(sites=2, rounds=2, strategy="dwfl", cases_per_site=16, val_per_site=12)
+    logs: list[str] = []
+    result = run_federation(tmp_path, CFG, spec, seed=0, log=logs.append)
+    rounds = [json.loads(line) for line in (tmp_path / LOG).read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2] == [r["round"] for r in result["rounds"]]
+    for r in rounds:
+        assert set(r["val_auc"]) == {"site0", "site1"}
+        assert sum(r["weights"].values()) == pytest.approx(1.0, abs=1e-5)
+        assert r["rejected"] == []
+    assert (tmp_path / "federated.pt").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".cases")], "case caches removed"
+    more = FederationSpec(sites=2, rounds=3, strategy="dwfl", cases_per_site=16, val_per_site=12)
+    logs.clear()
+    run_federation(tmp_path, CFG, more, seed=0, resume=True, log=logs.append)
+    assert logs[0] == "resumed after round 2"
+    assert [json.loads(line)["round"] for line in (tmp_path / LOG).read_text().splitlines()] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "fedavgm"])
+def test_baselines_run(tmp_path, strategy):
+    spec = FederationSpec(sites=2, rounds=1, strategy=strategy, cases_per_site=12, val_per_site=8)
+    (record,) = run_federation(tmp_path, CFG, spec, seed=1, log=lambda _: None)["rounds"]
+    weights = np.array(list(record["weights"].values()))
+    assert np.allclose(weights, [0.5, 0.5], atol=1e-6), "equal data shares: FedAvg-style weights"
+
+
+def test_bad_spec_refused(tmp_path):
+    with pytest.raises(BadInput, match="unknown strategy"):
+        run_federation(tmp_path, CFG, FederationSpec(sites=2, rounds=1, strategy="magic"))
+    with pytest.raises(BadInput, match="at least one"):
+        run_federation(tmp_path, CFG, FederationSpec(sites=0, rounds=1))
