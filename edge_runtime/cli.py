@@ -10,7 +10,7 @@ import click
 
 from .bundle import Bundle, default_public_key_path, load_bundle
 from .cliutil import handle_errors
-from .errors import BadInput
+from .errors import BadInput, BundleError
 from .keys import load_public_key
 from .manifest import load_case, read_manifest
 from .model import EdgeModel
@@ -39,9 +39,13 @@ def open_bundle(bundle: Path, trusted_key: Path | None) -> Bundle:
 
 def synthetic_cohort(bundle: Bundle) -> SyntheticCohort:
     """The cohort the bundle was built on, with the bundle's own input shapes."""
-    pre, synth = bundle.preprocessing, bundle.manifest.get("synthetic", {})
+    pre, synth = bundle.preprocessing, bundle.manifest.get("synthetic")
     spec = InputSpec(ct_grid=pre.ct.grid, tile=pre.pathology.tile, n_genes=len(pre.genomics.genes))
-    return SyntheticCohort(SynthConfig(seed=int(synth.get("seed", 0)), n_sites=int(synth.get("n_sites", 4)), spec=spec))
+    try:
+        config = SynthConfig(seed=int(synth["seed"]), n_sites=int(synth["n_sites"]), spec=spec)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BundleError(f"{bundle.root}: bundle does not describe a synthetic cohort ({exc!r})") from exc
+    return SyntheticCohort(config)
 
 
 @click.group()

@@ -27,9 +27,9 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    train_cases: int = 960
+    train_cases: int = 800
     val_cases: int = 160  # picks the best epoch: small cohorts overfit within a few epochs
-    test_cases: int = 400
+    test_cases: int = 300
     stats_cases: int = 128  # cases used to fit colour / gene statistics
     calib_cases: int = 32
     teacher_epochs: int = 5

@@ -31,7 +31,7 @@ from quantize.calibration import StreamingReader
 from quantize.static import quantize_int8
 
 from .config import TEST_START, VAL_START, PipelineConfig
-from .data import PreparedCases, batches
+from .data import PreparedCases, collate
 from .models import Student, Teacher, count_parameters
 from .onnx_export import export_student
 from .stats import fit_preprocessing
@@ -92,14 +92,15 @@ def _calibration_inputs(cohort: SyntheticCohort, pre: Preprocessing, indices: ra
 def evaluate(
     cohort: SyntheticCohort, pre: Preprocessing, indices: range, teacher: torch.nn.Module, models: dict[str, EdgeModel], batch_size: int
 ) -> dict[str, float]:
-    """AUC of the torch teacher and of each ONNX model on the same held-out cases, in one pass."""
+    """AUC of the torch teacher and of each ONNX model on the same held-out cases; every case is
+    generated once and goes through the clinic's own `EdgeModel.predict`."""
     labels, scores = [], {"teacher": [], **{name: [] for name in models}}
-    for batch in batches(cohort, pre, indices, batch_size):
-        labels.extend(batch.labels.tolist())
-        scores["teacher"].extend(positive_probability(teacher, batch).tolist())
-    for case in cohort.iter_cases(indices.start, len(indices)):
+    for start in range(indices.start, indices.stop, batch_size):
+        cases = list(cohort.iter_cases(start, min(batch_size, indices.stop - start)))
+        labels.extend(c.label for c in cases)
+        scores["teacher"].extend(positive_probability(teacher, collate(cases, pre)).tolist())
         for name, model in models.items():
-            scores[name].append(model.predict(case).probability)
+            scores[name].extend(model.predict(case).probability for case in cases)
     return {name: round(roc_auc(np.asarray(labels), np.asarray(s)), 4) for name, s in scores.items()}
 
 
