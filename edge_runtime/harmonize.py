@@ -50,7 +50,8 @@ def axis_matrix(n_in: int, spacing_in: float, n_out: int, spacing_out: float) ->
 def apply_matrix(weights: np.ndarray, values: np.ndarray, axis: int, fill: float) -> np.ndarray:
     """Resample ``values`` along ``axis``; output voxels outside the input get ``fill``."""
     moved = np.moveaxis(values, axis, 0)
-    out = np.tensordot(weights, moved, axes=(1, 0))
+    # Weights in the values' precision: float64 weights would upcast (copy) a float32 stack.
+    out = np.tensordot(weights.astype(values.dtype, copy=False), moved, axes=(1, 0))
     coverage = weights.sum(1).reshape((-1,) + (1,) * (moved.ndim - 1))
     out = out + (1.0 - coverage) * fill
     return np.moveaxis(out, 0, axis)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -44,18 +48,30 @@ def export_graph(module: nn.Module, examples: dict[str, torch.Tensor], output: s
     """Export with a dynamic batch axis on every input, weights inside the file."""
     batch = torch.export.Dim("batch", min=1, max=4096)
     module.eval()
-    torch.onnx.export(
-        module,
-        tuple(examples.values()),
-        str(path),
-        dynamo=True,
-        verbose=False,
-        external_data=False,
-        opset_version=OPSET,
-        input_names=list(examples),
-        output_names=[output],
-        dynamic_shapes=tuple({0: batch} for _ in examples),
-    )
+    # The exporter logs and warns about things that do not concern these graphs (torchvision ops,
+    # deprecated pytree classes, axis renaming); the parity check is what tells a good export.
+    quiet = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._export", "onnxscript")]
+    levels = [lg.level for lg in quiet]
+    try:
+        for lg in quiet:
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module,
+                tuple(examples.values()),
+                str(path),
+                dynamo=True,
+                verbose=False,
+                external_data=False,
+                opset_version=OPSET,
+                input_names=list(examples),
+                output_names=[output],
+                dynamic_shapes=tuple({0: batch} for _ in examples),
+            )
+    finally:
+        for lg, level in zip(quiet, levels):
+            lg.setLevel(level)
 
 
 def check_parity(module: nn.Module, path: Path, inputs: dict[str, torch.Tensor], atol: float = PARITY_ATOL) -> float:

@@ -124,11 +124,35 @@ def _rescale(ds, where: Path) -> tuple[float, float]:
     return slope, intercept
 
 
-@dataclass
-class _Slice:
+@dataclass(frozen=True)
+class _SliceHeader:
+    """What the first pass keeps of each file: a few numbers, not the pydicom dataset (a long
+    series would otherwise hold thousands of parsed headers)."""
+
     path: Path
-    position: float  # along the slice normal, mm
-    frame: int | None = None
+    series: str
+    frames: int
+    rows: int = 0
+    cols: int = 0
+    orientation: tuple[float, ...] = ()
+    position: tuple[float, ...] = ()
+    spacing: tuple[float, float] = (0.0, 0.0)
+
+
+def _slice_header(path: Path) -> _SliceHeader:
+    ds = _read_header(path)
+    _check_ct(ds, path)
+    series = str(_get(ds, "SeriesInstanceUID", path, ""))
+    frames = _int(ds, "NumberOfFrames", path, default=1)
+    if frames > 1:  # multi-frame: geometry lives in the functional groups, read later
+        return _SliceHeader(path, series, frames)
+    return _SliceHeader(
+        path, series, frames,
+        rows=_int(ds, "Rows", path), cols=_int(ds, "Columns", path),
+        orientation=tuple(_floats(ds, "ImageOrientationPatient", 6, path)),
+        position=tuple(_floats(ds, "ImagePositionPatient", 3, path)),
+        spacing=tuple(_floats(ds, "PixelSpacing", 2, path)),  # (row spacing, column spacing) = (y, x)
+    )
 
 
 def read_dicom_series(source: Path | list[Path], target: TargetGrid, where: Path | None = None) -> np.ndarray:
@@ -137,15 +161,13 @@ def read_dicom_series(source: Path | list[Path], target: TargetGrid, where: Path
     where = where or Path(source)
     if not files:
         raise BadInput(f"{where}: DICOM series folder is empty")
-    headers = [(p, _read_header(p)) for p in files]
-    first_path, first = headers[0]
-    for p, ds in headers:
-        _check_ct(ds, p)
-    series = {str(_get(ds, "SeriesInstanceUID", p, "")) for p, ds in headers}
-    if len(series) != 1:
-        raise BadInput(f"{where}: folder mixes {len(series)} DICOM series; give one series per case")
-    if len(headers) == 1 and _int(first, "NumberOfFrames", first_path, default=1) > 1:
-        return _read_multiframe(first_path, first, target)
+    headers = [_slice_header(p) for p in files]
+    if len({h.series for h in headers}) != 1:
+        raise BadInput(f"{where}: folder mixes {len({h.series for h in headers})} DICOM series; give one series per case")
+    if len(headers) == 1 and headers[0].frames > 1:
+        return _read_multiframe(headers[0].path, _read_header(headers[0].path), target)
+    if any(h.frames > 1 for h in headers):
+        raise BadInput(f"{where}: folder mixes multi-frame and single-frame files")
     return _read_single_frames(headers, target, where)
 
 
@@ -157,38 +179,35 @@ def _normal(orientation: np.ndarray) -> np.ndarray:
     return normal / norm
 
 
-def _read_single_frames(headers: list, target: TargetGrid, where: Path) -> np.ndarray:
-    first_path, first = headers[0]
-    orientation = _floats(first, "ImageOrientationPatient", 6, first_path)
+def _read_single_frames(headers: list[_SliceHeader], target: TargetGrid, where: Path) -> np.ndarray:
+    first = headers[0]
+    orientation = np.asarray(first.orientation)
     normal = _normal(orientation)
-    rows, cols = _int(first, "Rows", first_path), _int(first, "Columns", first_path)
-    spacing = _floats(first, "PixelSpacing", 2, first_path)  # (row spacing, column spacing) = (y, x)
-    slices = []
-    for p, ds in headers:
-        if not np.allclose(_floats(ds, "ImageOrientationPatient", 6, p), orientation, atol=1e-3):
-            raise BadInput(f"{p}: slice orientation differs from the rest of the series")
-        if (_int(ds, "Rows", p), _int(ds, "Columns", p)) != (rows, cols):
-            raise BadInput(f"{p}: slice size {_int(ds, 'Columns', p)}x{_int(ds, 'Rows', p)} differs from the rest of the series ({cols}x{rows})")
-        slices.append(_Slice(p, float(_floats(ds, "ImagePositionPatient", 3, p) @ normal)))
-    if len(slices) < MIN_SLICES:
-        raise BadInput(f"{where}: CT series has {len(slices)} slices, at least {MIN_SLICES} are needed")
-    slices.sort(key=lambda s: s.position)
-    positions = np.array([s.position for s in slices])
+    for h in headers:
+        if not np.allclose(h.orientation, orientation, atol=1e-3):
+            raise BadInput(f"{h.path}: slice orientation differs from the rest of the series")
+        if (h.rows, h.cols) != (first.rows, first.cols):
+            raise BadInput(f"{h.path}: slice size {h.cols}x{h.rows} differs from the rest of the series ({first.cols}x{first.rows})")
+    if len(headers) < MIN_SLICES:
+        raise BadInput(f"{where}: CT series has {len(headers)} slices, at least {MIN_SLICES} are needed")
+    ordered = sorted(headers, key=lambda h: float(np.dot(h.position, normal)))
+    positions = np.array([float(np.dot(h.position, normal)) for h in ordered])
     if np.any(np.diff(positions) < 1e-3):
         raise BadInput(f"{where}: CT series has two slices at the same position")
-    plane = InPlaneResampler((rows, cols), tuple(spacing), target.grid[1:], target.spacing_mm[1:])
-    stack = np.empty((len(slices), *target.grid[1:]), np.float32)
+    plane = InPlaneResampler((first.rows, first.cols), first.spacing, target.grid[1:], target.spacing_mm[1:])
+    stack = np.empty((len(ordered), *target.grid[1:]), np.float32)
     pydicom = _pydicom()
-    for i, s in enumerate(slices):
+    for i, h in enumerate(ordered):
         try:
-            ds = pydicom.dcmread(s.path)
+            ds = pydicom.dcmread(h.path)
             pixels = ds.pixel_array
         except Exception as exc:  # pydicom raises many types for damaged pixel data
-            raise BadInput(f"{s.path}: cannot decode DICOM pixel data ({type(exc).__name__})") from exc
-        if pixels.shape != (rows, cols):
-            raise BadInput(f"{s.path}: pixel data shape {pixels.shape} does not match Rows/Columns")
-        slope, intercept = _rescale(ds, s.path)
+            raise BadInput(f"{h.path}: cannot decode DICOM pixel data ({type(exc).__name__})") from exc
+        if pixels.shape != (first.rows, first.cols):
+            raise BadInput(f"{h.path}: pixel data shape {pixels.shape} does not match Rows/Columns")
+        slope, intercept = _rescale(ds, h.path)
         stack[i] = plane(pixels.astype(np.float32) * slope + intercept)
+        del ds, pixels
     return resample_slices(stack, positions, target.grid[0], target.spacing_mm[0])
 
 
