@@ -13,6 +13,19 @@ from edge_runtime.errors import BadInput
 from .config import CONFIGS, TEST_START, get_config
 
 
+def check_device(name: str) -> str:
+    """A torch device that exists here, or a clear refusal (no silent fall-back to the CPU)."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise BadInput(f"--device {name!r} is not a torch device") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BadInput(f"--device {name}: no CUDA device is available on this machine")
+    return str(device)
+
+
 @click.group()
 @click.version_option(package_name="dwfl-edge")
 def main() -> None:
@@ -27,9 +40,13 @@ def main() -> None:
               help="Ed25519 private key (PEM). Without it a new key is made and saved as OUT/signing_key.pem (0600).")
 @click.option("--model-version", default="1", show_default=True, help="Version string written into the bundle.")
 @click.option("--threads", default=2, show_default=True, type=click.IntRange(1, 256), help="torch threads.")
+@click.option("--device", default="cpu", show_default=True, help="torch device for training (cpu, cuda, cuda:1).")
+@click.option("--init-checkpoint", type=click.Path(path_type=Path), default=None,
+              help="Local pretrained teacher weights (matching tensors are loaded; nothing is downloaded).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @handle_errors
-def pipeline(out: Path, config_name: str, seed: int, signing_key: Path | None, model_version: str, threads: int, as_json: bool) -> None:
+def pipeline(out: Path, config_name: str, seed: int, signing_key: Path | None, model_version: str, threads: int,
+             device: str, init_checkpoint: Path | None, as_json: bool) -> None:
     """Synthetic cohort -> teacher -> distilled student -> ONNX -> INT8 -> signed bundle."""
     import torch  # late: `--help` stays fast
 
@@ -37,7 +54,7 @@ def pipeline(out: Path, config_name: str, seed: int, signing_key: Path | None, m
 
     torch.set_num_threads(threads)
     log = (lambda msg: click.echo(msg, err=True)) if as_json else click.echo
-    result = run_pipeline(out, get_config(config_name), seed, signing_key, model_version, log)
+    result = run_pipeline(out, get_config(config_name), seed, signing_key, model_version, log, check_device(device), init_checkpoint)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
         return
@@ -64,9 +81,12 @@ def pipeline(out: Path, config_name: str, seed: int, signing_key: Path | None, m
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
 @click.option("--resume", is_flag=True, help="Continue after the last checkpointed round.")
 @click.option("--threads", default=2, show_default=True, type=click.IntRange(1, 256), help="torch threads.")
+@click.option("--device", default="cpu", show_default=True, help="torch device (cpu, cuda, cuda:1).")
+@click.option("--init-checkpoint", type=click.Path(path_type=Path), default=None, help="Local pretrained teacher weights.")
 @handle_errors
 def train_teacher(out: Path, sites: int, rounds: int, strategy: str, config_name: str, cases_per_site: int,
-                  local_epochs: int, beta: float, seed: int, resume: bool, threads: int) -> None:
+                  local_epochs: int, beta: float, seed: int, resume: bool, threads: int, device: str,
+                  init_checkpoint: Path | None) -> None:
     """Federated teacher training, simulated: each site streams only its own cases; per round the
     per-site validation AUC and aggregation weights are logged (OUT/rounds.jsonl) and checkpointed."""
     import torch
@@ -75,7 +95,7 @@ def train_teacher(out: Path, sites: int, rounds: int, strategy: str, config_name
 
     torch.set_num_threads(threads)
     spec = FederationSpec(sites=sites, rounds=rounds, strategy=strategy, local_epochs=local_epochs,
-                          cases_per_site=cases_per_site, beta=beta)
+                          cases_per_site=cases_per_site, beta=beta, device=check_device(device), init_checkpoint=init_checkpoint)
     run_federation(out, get_config(config_name), spec, seed, resume, click.echo)
 
 

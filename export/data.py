@@ -25,6 +25,11 @@ class Batch:
     labels: torch.Tensor  # (B,) long
     case_ids: list[str]
 
+    def to(self, device: torch.device | str) -> "Batch":
+        if str(device) == "cpu":
+            return self
+        return Batch({m: x.to(device) for m, x in self.inputs.items()}, self.mask.to(device), self.labels.to(device), self.case_ids)
+
 
 def _zeros(pre: Preprocessing) -> dict[str, np.ndarray]:
     t = pre.pathology.tile
@@ -105,3 +110,22 @@ class PreparedCases:
                 labels=torch.from_numpy(self.labels[rows]),
                 case_ids=[self.case_ids[r] for r in rows],
             )
+
+    def subset(self, rows: np.ndarray) -> "CaseSubset":
+        return CaseSubset(self, np.asarray(rows))
+
+
+class CaseSubset:
+    """Some rows of a PreparedCases (cross-validation folds) without copying them."""
+
+    def __init__(self, cases: PreparedCases, rows: np.ndarray) -> None:
+        self.cases, self.rows = cases, rows
+        self.labels = cases.labels[rows]
+        self.mask = cases.mask[rows]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def batches(self, order: np.ndarray, batch_size: int) -> Iterator[Batch]:
+        return self.cases.batches(self.rows[order], batch_size)
+

@@ -29,10 +29,10 @@ from edge_runtime.synthetic import SynthConfig, SyntheticCohort
 from federation.aggregation import STRATEGIES, ClientUpdate, DWFL, UpdateMeta, from_list
 
 from .config import PipelineConfig, TrainConfig
-from .data import PreparedCases
+from .data import Batch, PreparedCases
 from .models import Teacher
 from .stats import fit_preprocessing
-from .train import Log, augment, drop_modalities
+from .train import Log, augment, drop_modalities, load_pretrained
 
 SITE_STRIDE = 100_000  # site k's training cases are k*SITE_STRIDE + i; validation from VAL_OFFSET on
 VAL_OFFSET = 50_000
@@ -70,11 +70,12 @@ def _load_params(model: torch.nn.Module, params: dict[str, np.ndarray]) -> None:
 
 
 @torch.no_grad()
-def evaluate_site(model: Teacher, data: PreparedCases, batch_size: int) -> tuple[float, float]:
+def evaluate_site(model: Teacher, data: PreparedCases, batch_size: int, device: str = "cpu") -> tuple[float, float]:
     """(mean cross-entropy, AUC) of ``model`` on a site's cases."""
     model.eval()
     losses, labels, scores = [], [], []
     for batch in data.batches(np.arange(len(data)), batch_size):
+        batch = batch.to(device)
         logits, _ = model(batch.inputs, batch.mask)
         losses.append(float(F.cross_entropy(logits, batch.labels, reduction="sum")))
         labels.extend(batch.labels.tolist())
@@ -83,7 +84,7 @@ def evaluate_site(model: Teacher, data: PreparedCases, batch_size: int) -> tuple
 
 
 def local_train(
-    model: Teacher, site: Site, cfg: TrainConfig, epochs: int, mu: float, seed: int
+    model: Teacher, site: Site, cfg: TrainConfig, epochs: int, mu: float, seed: int, device: str = "cpu"
 ) -> None:
     """Local epochs on one site; ``mu`` > 0 adds FedProx's proximal term to the global weights."""
     gen = torch.Generator().manual_seed(seed)
@@ -94,8 +95,9 @@ def local_train(
         order = np.random.default_rng([seed, epoch]).permutation(len(site.train))
         for batch in site.train.batches(order, cfg.batch_size):
             inputs = augment(batch.inputs, gen) if cfg.augment else batch.inputs
-            emb = model.embed(inputs, batch.mask)
-            mask = drop_modalities(batch.mask, cfg.modality_dropout, gen)
+            mask = drop_modalities(batch.mask, cfg.modality_dropout, gen).to(device)
+            batch = Batch(inputs, batch.mask, batch.labels, batch.case_ids).to(device)
+            emb = model.embed(batch.inputs, batch.mask)
             loss = F.cross_entropy(model.classify(emb, mask), batch.labels)
             if cfg.contrastive_weight:
                 loss = loss + cfg.contrastive_weight * model.alignment.loss(emb, batch.mask)
@@ -125,6 +127,8 @@ class FederationSpec:
     val_per_site: int = 40
     beta: float = 0.3
     mu: float = 0.01  # FedProx
+    device: str = "cpu"
+    init_checkpoint: Path | None = None  # local pretrained weights (transfer learning); never downloaded
 
 
 def make_strategy(spec: FederationSpec) -> DWFL:
@@ -160,26 +164,31 @@ def _federate(
     sites = _prepare_sites(cohort, pre, spec, work)
     torch.manual_seed(seed)
     model = Teacher(cfg.model, cfg.input.n_genes, len(cfg.classes), cfg.train.contrastive_temperature)
+    if spec.init_checkpoint is not None:
+        loaded, skipped = load_pretrained(model, spec.init_checkpoint)
+        log(f"initialised {loaded} tensors from {spec.init_checkpoint} ({skipped} kept their initialisation)")
+    model.to(spec.device)
     start = 0
     ckpt = out / CHECKPOINT
     if resume and ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
+        state = torch.load(ckpt, map_location=spec.device, weights_only=True)
         model.load_state_dict(state["model"])
-        if hasattr(strategy, "velocity"):
-            strategy.velocity = state.get("velocity")
+        if hasattr(strategy, "velocity") and state.get("velocity"):
+            strategy.velocity = {k: v.numpy() for k, v in state["velocity"].items()}
         start = state["round"]
         log(f"resumed after round {start}")
     elif (out / LOG).exists():
         (out / LOG).unlink()
     history = []
+    device = spec.device
     for rnd in range(start, spec.rounds):
         global_params = _params(model)
         global_state = {k: v.clone() for k, v in model.state_dict().items()}
         updates, site_buffers, auc_before = [], [], {}
         for site in sites:
-            val_loss, auc_before[site.index] = evaluate_site(model, site.val, cfg.train.batch_size)
+            val_loss, auc_before[site.index] = evaluate_site(model, site.val, cfg.train.batch_size, device)
             local_train(model, site, cfg.train, spec.local_epochs, strategy.mu if hasattr(strategy, "mu") else 0.0,
-                        seed=seed * 1000 + rnd * 100 + site.index)
+                        seed=seed * 1000 + rnd * 100 + site.index, device=device)
             delta = {k: v - global_params[k] for k, v in _params(model).items()}
             meta = UpdateMeta(f"site{site.index}", len(site.train), val_loss, site.modality_fraction)
             updates.append(ClientUpdate(meta, delta))
@@ -188,7 +197,7 @@ def _federate(
         result = strategy.aggregate(global_params, from_list(updates), branch_of)
         _load_params(model, result.params)
         _average_buffers(model, site_buffers, [len(s.train) for s in sites])
-        site_auc = {f"site{s.index}": round(evaluate_site(model, s.val, cfg.train.batch_size)[1], 4) for s in sites}
+        site_auc = {f"site{s.index}": round(evaluate_site(model, s.val, cfg.train.batch_size, device)[1], 4) for s in sites}
         record = {"round": rnd + 1, "strategy": spec.strategy, "val_auc": site_auc,
                   "val_auc_before": {f"site{k}": round(v, 4) for k, v in auc_before.items()},
                   "weights": result.weights["shared"], "rejected": result.rejected, "clip_bound": round(result.clip_bound, 6)}
@@ -228,6 +237,11 @@ def _site_cases(cohort: SyntheticCohort, pre: Preprocessing, folder: Path, indic
 
 
 def _checkpoint(path: Path, model: Teacher, strategy: DWFL, rnd: int) -> None:
+    velocity = getattr(strategy, "velocity", None)
     buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "round": rnd, "velocity": getattr(strategy, "velocity", None)}, buf)
+    torch.save({
+        "model": model.state_dict(),
+        "round": rnd,
+        "velocity": {k: torch.from_numpy(v) for k, v in velocity.items()} if velocity else None,
+    }, buf)
     write_atomic(path, buf.getvalue())

@@ -35,7 +35,7 @@ from .data import PreparedCases, collate
 from .models import Student, Teacher, count_parameters
 from .onnx_export import export_student
 from .stats import fit_preprocessing
-from .train import distill, positive_probability, train_teacher
+from .train import distill, load_pretrained, positive_probability, train_teacher
 
 DEFAULT_BUDGETS = {"mem_mb": 1800.0, "latency_ms": 200.0}
 BUNDLE_DIR = "bundle"
@@ -161,7 +161,7 @@ def manifest_body(
 
 def run_pipeline(
     out: Path, cfg: PipelineConfig, seed: int = 0, signing_key: Path | None = None,
-    model_version: str = "1", log: Callable[[str], None] = print,
+    model_version: str = "1", log: Callable[[str], None] = print, device: str = "cpu", init_checkpoint: Path | None = None,
 ) -> PipelineResult:
     if seed < 0:
         raise BadInput(f"seed must be >= 0, got {seed}")
@@ -182,9 +182,12 @@ def run_pipeline(
         val = PreparedCases(work / "val", cohort, pre, splits.val)
         timer.lap("prepare")
         teacher = Teacher(cfg.model, n_genes, n_classes, cfg.train.contrastive_temperature)
-        train_teacher(teacher, data, val, cfg.train, seed, log)
+        if init_checkpoint is not None:
+            loaded, skipped = load_pretrained(teacher, init_checkpoint)
+            log(f"teacher: {loaded} tensors from {init_checkpoint}, {skipped} initialised fresh")
+        train_teacher(teacher, data, val, cfg.train, seed, log, device)
         timer.lap("teacher")
-        student = distill(Student(cfg.model, n_genes, n_classes), teacher, data, val, cfg.train, seed, log)
+        student = distill(Student(cfg.model, n_genes, n_classes), teacher, data, val, cfg.train, seed, log, device)
         del data, val
         timer.lap("distill")
 

@@ -8,13 +8,14 @@ Both use modality dropout, so every non-empty subset of modalities is seen in tr
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from edge_runtime.errors import BadInput
 from edge_runtime.metrics import roc_auc
 
 from .config import TrainConfig
@@ -53,23 +54,24 @@ def _epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def validation_auc(model: torch.nn.Module, val: PreparedCases, batch_size: int) -> float:
+def validation_auc(model: torch.nn.Module, val: PreparedCases, batch_size: int, device: str = "cpu") -> float:
     model.eval()
     labels, scores = [], []
     for batch in val.batches(np.arange(len(val)), batch_size):
         labels.extend(batch.labels.tolist())
-        scores.extend(positive_probability(model, batch).tolist())
+        scores.extend(positive_probability(model, batch.to(device)).tolist())
     return roc_auc(np.asarray(labels), np.asarray(scores))
 
 
 def fit(
     model: torch.nn.Module, loss_fn: Callable[[Batch, torch.Tensor], torch.Tensor], data: PreparedCases,
-    val: PreparedCases | None, cfg: TrainConfig, epochs: int, seed: int, name: str, log: Log,
+    val: PreparedCases | None, cfg: TrainConfig, epochs: int, seed: int, name: str, log: Log, device: str = "cpu",
 ) -> torch.nn.Module:
     """The loop both models share: AdamW with cosine decay, modality dropout, and the weights of the
     epoch with the best validation AUC kept (small cohorts overfit within a few epochs)."""
     torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)  # CPU generator: the same random choices on any device
+    model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = epochs * max(1, -(-len(data) // cfg.batch_size))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
@@ -80,22 +82,26 @@ def fit(
         for batch in data.batches(_epoch_order(len(data), seed, epoch), cfg.batch_size):
             if cfg.augment:
                 batch = Batch(augment(batch.inputs, gen), batch.mask, batch.labels, batch.case_ids)
-            loss = loss_fn(batch, drop_modalities(batch.mask, cfg.modality_dropout, gen))
+            mask = drop_modalities(batch.mask, cfg.modality_dropout, gen).to(device)
+            loss = loss_fn(batch.to(device), mask)
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
             total, n = total + loss.item() * len(batch.labels), n + len(batch.labels)
-        auc = validation_auc(model, val, cfg.batch_size) if val is not None and len(val) else float("nan")
+        auc = validation_auc(model, val, cfg.batch_size, device) if val is not None and len(val) else float("nan")
         log(f"{name} epoch {epoch + 1}/{epochs}: loss {total / max(n, 1):.4f}  validation AUC {auc:.4f}")
         if best_state is None or not auc <= best_auc:  # NaN (no validation, or one class) keeps the latest
-            best_auc, best_state = auc, copy.deepcopy(model.state_dict())
+            best_auc, best_state = auc, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    model.to("cpu")  # export, evaluation and the clinic are CPU
     model.load_state_dict(best_state)
     model.eval()
     return model
 
 
-def train_teacher(teacher: Teacher, data: PreparedCases, val: PreparedCases | None, cfg: TrainConfig, seed: int, log: Log) -> Teacher:
+def train_teacher(
+    teacher: Teacher, data: PreparedCases, val: PreparedCases | None, cfg: TrainConfig, seed: int, log: Log, device: str = "cpu"
+) -> Teacher:
     def loss_fn(batch: Batch, mask: torch.Tensor) -> torch.Tensor:
         # One encoder pass: alignment sees every present modality, the classifier only the kept ones.
         emb = teacher.embed(batch.inputs, batch.mask)
@@ -104,7 +110,7 @@ def train_teacher(teacher: Teacher, data: PreparedCases, val: PreparedCases | No
             loss = loss + cfg.contrastive_weight * teacher.alignment.loss(emb, batch.mask)
         return loss
 
-    return fit(teacher, loss_fn, data, val, cfg, cfg.teacher_epochs, seed, "teacher", log)
+    return fit(teacher, loss_fn, data, val, cfg, cfg.teacher_epochs, seed, "teacher", log, device)
 
 
 def distillation_loss(
@@ -119,9 +125,10 @@ def distillation_loss(
 
 
 def distill(
-    student: Student, teacher: Teacher, data: PreparedCases, val: PreparedCases | None, cfg: TrainConfig, seed: int, log: Log
+    student: Student, teacher: Teacher, data: PreparedCases, val: PreparedCases | None, cfg: TrainConfig, seed: int,
+    log: Log, device: str = "cpu",
 ) -> Student:
-    teacher.eval()
+    teacher.to(device).eval()
 
     def loss_fn(batch: Batch, mask: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -129,10 +136,34 @@ def distill(
         s_logits, s_emb = student(batch.inputs, mask)
         return distillation_loss(s_logits, s_emb, t_logits, t_emb, batch.labels, mask, cfg)
 
-    return fit(student, loss_fn, data, val, cfg, cfg.student_epochs, seed + 1, "student", log)
+    student = fit(student, loss_fn, data, val, cfg, cfg.student_epochs, seed + 1, "student", log, device)
+    teacher.to("cpu")
+    return student
 
 
 @torch.no_grad()
 def positive_probability(model: torch.nn.Module, batch: Batch) -> np.ndarray:
     logits, _ = model(batch.inputs, batch.mask)
     return torch.softmax(logits, -1)[:, -1].numpy()
+
+
+def load_pretrained(model: torch.nn.Module, path: Path) -> tuple[int, int]:
+    """Start from a local checkpoint (never downloaded): every tensor whose name and shape match is
+    loaded, the rest keeps its initialisation (transfer to another config or head). Accepts a raw
+    state dict or our checkpoints ({"teacher": ...} from the pipeline, {"model": ...} from federation)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch.load raises OSError, UnpicklingError, RuntimeError, ... on bad files
+        raise BadInput(f"{path}: not a readable torch checkpoint ({type(exc).__name__})") from exc
+    for key in ("teacher", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise BadInput(f"{path}: checkpoint holds no state dict")
+    own = model.state_dict()
+    matching = {k: v for k, v in state.items() if k in own and getattr(v, "shape", None) == own[k].shape}
+    if not matching:
+        raise BadInput(f"{path}: no tensor of the checkpoint matches this model")
+    model.load_state_dict(matching, strict=False)
+    return len(matching), len(own) - len(matching)
+

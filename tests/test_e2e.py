@@ -135,11 +135,22 @@ def test_pipeline_bad_key_writes_nothing(tmp_path):
     assert not out.exists()
 
 
+def test_unavailable_device_refused(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the refusal cannot happen here")
+    out = tmp_path / "out"
+    _one_line_error(edge_export("pipeline", "--out", str(out), "--config", "micro", "--device", "cuda"), "no CUDA device")
+    _one_line_error(edge_export("train-teacher", "--out", str(out), "--config", "micro", "--device", "tpu9"), "not a torch device")
+    assert not out.exists()
+
+
 def test_help_everywhere():
     for args in ([], ["infer"], ["profile"]):
         proc = edge_run(*args, "--help", block_torch=True)
         assert proc.returncode == 0 and "Usage" in proc.stdout
-    for args in ([], ["pipeline"]):
+    for args in ([], ["pipeline"], ["synth"], ["train-teacher"]):
         proc = edge_export(*args, "--help")
         assert proc.returncode == 0 and "Usage" in proc.stdout
 

@@ -52,3 +52,38 @@ def test_bad_spec_refused(tmp_path):
         run_federation(tmp_path, CFG, FederationSpec(sites=2, rounds=1, strategy="magic"))
     with pytest.raises(BadInput, match="at least one"):
         run_federation(tmp_path, CFG, FederationSpec(sites=0, rounds=1))
+
+
+def test_pretrained_checkpoint_transfer(tmp_path):
+    import torch
+
+    from export.models import Teacher
+    from export.train import load_pretrained
+
+    spec = FederationSpec(sites=2, rounds=1, cases_per_site=8, val_per_site=8)
+    run_federation(tmp_path / "a", CFG, spec, seed=0, log=lambda _: None)
+    source = Teacher(MICRO.model, MICRO.input.n_genes, 2)
+    source.load_state_dict(torch.load(tmp_path / "a" / "federated.pt", weights_only=True)["model"])
+    # Transfer into a model with a different class count: everything but the last layer loads.
+    target = Teacher(MICRO.model, MICRO.input.n_genes, 3)
+    loaded, skipped = load_pretrained(target, tmp_path / "a" / "federated.pt")
+    assert loaded > 0 and skipped == 2  # classifier.3.weight / bias have another shape
+    assert torch.equal(target.encoders["ct"].stem[0].weight, source.encoders["ct"].stem[0].weight)
+    logs: list[str] = []
+    run_federation(tmp_path / "b", CFG, FederationSpec(sites=1, rounds=1, cases_per_site=8, val_per_site=8,
+                                                       init_checkpoint=tmp_path / "a" / "federated.pt"), log=logs.append)
+    assert logs[0].startswith("initialised") and "0 kept" in logs[0]
+
+
+def test_bad_checkpoint_refused(tmp_path):
+    from export.models import Teacher
+    from export.train import load_pretrained
+
+    (tmp_path / "x.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(BadInput, match="not a readable torch checkpoint"):
+        load_pretrained(Teacher(MICRO.model, MICRO.input.n_genes, 2), tmp_path / "x.pt")
+    import torch
+
+    torch.save({"unrelated.weight": torch.zeros(3)}, tmp_path / "y.pt")
+    with pytest.raises(BadInput, match="no tensor"):
+        load_pretrained(Teacher(MICRO.model, MICRO.input.n_genes, 2), tmp_path / "y.pt")
