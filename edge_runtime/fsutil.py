@@ -61,3 +61,22 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def read_text(path: Path, what: str, max_bytes: int) -> str:
+    """A small UTF-8 text file (BOM tolerated) that outside input gave us, or a BadInput naming it."""
+    from .errors import BadInput
+
+    path = Path(path)
+    if not path.is_file():
+        raise BadInput(f"{path}: {what} does not exist")
+    if path.stat().st_size > max_bytes:
+        raise BadInput(f"{path}: {what} is larger than {max_bytes // 2**20} MiB")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise BadInput(f"{path}: {what} is not UTF-8 text") from exc
+    if "\x00" in text:
+        raise BadInput(f"{path}: {what} is binary, not text")
+    return text
+

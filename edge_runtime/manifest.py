@@ -16,6 +16,7 @@ from pathlib import Path
 
 from . import MODALITIES
 from .errors import BadInput
+from .fsutil import read_text
 from .preprocess import Preprocessing
 from .readers.ct import TargetGrid, read_ct
 from .readers.genomics import read_expression
@@ -50,14 +51,7 @@ class Manifest:
 
 def read_manifest(path: Path) -> Manifest:
     path = Path(path)
-    if not path.is_file():
-        raise BadInput(f"{path}: manifest does not exist")
-    if path.stat().st_size > MAX_MANIFEST_BYTES:
-        raise BadInput(f"{path}: manifest is larger than {MAX_MANIFEST_BYTES // 2**20} MiB")
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise BadInput(f"{path}: manifest is not UTF-8 text") from exc
+    text = read_text(path, "manifest", MAX_MANIFEST_BYTES)
     rows = list(_jsonl_rows(path, text) if path.suffix.lower() in (".jsonl", ".ndjson") else _csv_rows(path, text))
     if not rows:
         raise BadInput(f"{path}: manifest lists no cases")

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BadInput
+from ..fsutil import read_text
 
 MAX_BYTES = 64 * 1024 * 1024
 ID_COLUMNS = {"case_id", "sample", "sample_id", "id"}
@@ -46,16 +47,7 @@ def read_expression(path: Path, genes: tuple[str, ...]) -> np.ndarray:
 
 
 def _rows(path: Path) -> list[list[str]]:
-    if not path.is_file():
-        raise BadInput(f"{path}: expression file does not exist")
-    if path.stat().st_size > MAX_BYTES:
-        raise BadInput(f"{path}: expression file is larger than {MAX_BYTES // 2**20} MiB")
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise BadInput(f"{path}: expression file is not UTF-8 text") from exc
-    if "\x00" in text:
-        raise BadInput(f"{path}: expression file is binary, not CSV/TSV text")
+    text = read_text(path, "expression file", MAX_BYTES)
     delimiter = "\t" if path.suffix.lower() == ".tsv" or ("\t" in text.split("\n", 1)[0]) else ","
     try:
         return list(csv.reader(text.splitlines(), delimiter=delimiter, strict=True))
