@@ -12,7 +12,7 @@ import numpy as np
 from .model import EdgeModel
 from .synthetic import Case
 
-WARMUP_CASES = 2  # first sessions runs allocate arenas; they are run but not counted
+WARMUP_CASES = 2  # the first runs of a session allocate its arenas: run, not counted
 
 
 def peak_rss_mb() -> float:
@@ -26,9 +26,10 @@ def peak_rss_mb() -> float:
 
         return psutil.Process().memory_info().peak_wset / 1e6
     try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024 / 1e6
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024 / 1e6
     except OSError:
         pass
     import resource
