@@ -59,6 +59,7 @@ class SynthConfig:
     seed: int = 0
     n_sites: int = 4
     spec: InputSpec = field(default_factory=InputSpec)
+    label_alpha: float | None = None  # Dirichlet (Beta) label skew across sites; None: mild default skew
 
 
 @dataclass
@@ -109,7 +110,7 @@ def site_profiles(config: SynthConfig) -> list[SiteProfile]:
         p_missing = patterns[k] if k < len(patterns) else tuple(float(x) for x in rng.uniform(0.0, 0.5, 3))
         profiles.append(
             SiteProfile(
-                prevalence=float(rng.uniform(0.25, 0.6)),
+                prevalence=_prevalence(rng, config.label_alpha),
                 ct_scale=float(rng.uniform(0.9, 1.1)),
                 ct_offset_hu=float(rng.normal(0.0, 15.0)),
                 ct_noise_hu=float(rng.uniform(6.0, 14.0)),
@@ -119,6 +120,14 @@ def site_profiles(config: SynthConfig) -> list[SiteProfile]:
             )
         )
     return profiles
+
+
+def _prevalence(rng: np.random.Generator, alpha: float | None) -> float:
+    if alpha is None:
+        return float(rng.uniform(0.25, 0.6))
+    # Label skew as in federated benchmarks: class proportions ~ Dirichlet(alpha), clipped so that
+    # every site still has both classes.
+    return float(np.clip(rng.dirichlet([alpha, alpha])[1], 0.05, 0.95))
 
 
 @dataclass(frozen=True)

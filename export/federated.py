@@ -127,6 +127,7 @@ class FederationSpec:
     val_per_site: int = 40
     beta: float = 0.3
     mu: float = 0.01  # FedProx
+    label_alpha: float | None = None  # Dirichlet label skew across sites (None: the cohort's mild default)
     device: str = "cpu"
     init_checkpoint: Path | None = None  # local pretrained weights (transfer learning); never downloaded
 
@@ -156,7 +157,7 @@ def run_federation(
 def _federate(
     out: Path, work: Path, cfg: PipelineConfig, spec: FederationSpec, strategy: DWFL, seed: int, resume: bool, log: Log
 ) -> dict:
-    cohort = SyntheticCohort(SynthConfig(seed=seed, n_sites=spec.sites, spec=cfg.input))
+    cohort = SyntheticCohort(SynthConfig(seed=seed, n_sites=spec.sites, spec=cfg.input, label_alpha=spec.label_alpha))
     pre = fit_preprocessing(
         (cohort.case(k * SITE_STRIDE + i, site=k) for k in range(spec.sites) for i in range(min(16, spec.cases_per_site))),
         cfg.input,

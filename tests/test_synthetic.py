@@ -90,3 +90,11 @@ def test_case_ids():
     for bad in ("case-", "patient-1", "-3", "4.2"):
         with pytest.raises(BadInput):
             parse_case_id(bad)
+
+
+def test_dirichlet_label_skew():
+    mild = SyntheticCohort(SynthConfig(seed=0, n_sites=8, spec=SMALL))
+    skewed = SyntheticCohort(SynthConfig(seed=0, n_sites=8, spec=SMALL, label_alpha=0.3))
+    spread = lambda c: np.std([p.prevalence for p in c.sites])  # noqa: E731
+    assert spread(skewed) > spread(mild)
+    assert all(0.05 <= p.prevalence <= 0.95 for p in skewed.sites)
