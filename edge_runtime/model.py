@@ -79,7 +79,7 @@ class EdgeModel:
         except (KeyError, TypeError, ValueError) as exc:
             raise BundleError(f"{where}: model description is malformed ({exc!r})") from exc
         for f in (*files.values(), head):
-            if f not in manifest["files"]:
+            if not isinstance(f, str) or f not in manifest["files"]:
                 raise BundleError(f"{where}: {f!r} is not among the bundle's verified files")
         try:
             return cls({m: bundle.path(f) for m, f in files.items()}, bundle.path(head), bundle.preprocessing,
