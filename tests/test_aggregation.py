@@ -131,3 +131,38 @@ def test_all_rejected_leaves_the_model_unchanged():
     nan.delta["head.w"][:] = np.inf
     result = DWFL().aggregate(GLOBAL, from_list([nan]), branch_of)
     assert result.accepted == [] and all(np.array_equal(result.params[k], GLOBAL[k]) for k in GLOBAL)
+
+
+def test_permutation_invariance():
+    rng = np.random.default_rng(0)
+    ups = [update(f"c{i}", int(rng.integers(10, 200)), float(rng.uniform(0.1, 1.5)), float(rng.normal()),
+                  staleness=int(rng.integers(0, 3)), r_ct=float(rng.uniform())) for i in range(6)]
+    a = DWFL().aggregate(GLOBAL, from_list(ups), branch_of)
+    b = DWFL().aggregate(GLOBAL, from_list(ups[::-1]), branch_of)
+    for k in GLOBAL:
+        assert np.allclose(a.params[k], b.params[k], atol=1e-6)
+    for branch in ("shared", "ct"):
+        assert sum(a.weights[branch].values()) == pytest.approx(1.0, abs=1e-5)
+    assert sum(a.weights["genomics"].values()) == 0.0, "no client reported genomics: that branch does not move"
+
+
+def test_streaming_memory_does_not_grow_with_the_number_of_updates():
+    import tracemalloc
+
+    big = {"w": np.zeros((256, 256), np.float32)}  # 256 KB per update
+
+    def source(n):
+        def gen():
+            for i in range(n):
+                delta = {"w": np.full((256, 256), i % 7, np.float32)}
+                yield ClientUpdate(UpdateMeta(f"c{i}", 10, 0.5), delta)
+        return gen
+
+    peaks = []
+    for n in (20, 400):
+        tracemalloc.start()
+        DWFL().aggregate(big, source(n))
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+    assert peaks[1] < peaks[0] * 1.5, f"peak grew from {peaks[0]} to {peaks[1]} bytes"
+    assert peaks[1] < 20 * 256 * 256 * 4, "far below holding 20 updates at once"
