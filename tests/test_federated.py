@@ -87,3 +87,14 @@ def test_bad_checkpoint_refused(tmp_path):
     torch.save({"unrelated.weight": torch.zeros(3)}, tmp_path / "y.pt")
     with pytest.raises(BadInput, match="no tensor"):
         load_pretrained(Teacher(MICRO.model, MICRO.input.n_genes, 2), tmp_path / "y.pt")
+
+
+def test_export_pipeline_starts_from_the_federated_teacher(tmp_path):
+    from export.pipeline import run_pipeline
+
+    run_federation(tmp_path / "fl", CFG, FederationSpec(sites=2, rounds=1, cases_per_site=8, val_per_site=8), log=lambda _: None)
+    logs: list[str] = []
+    result = run_pipeline(tmp_path / "out", MICRO.with_train(teacher_epochs=1, student_epochs=1), seed=0,
+                          init_checkpoint=tmp_path / "fl" / "federated.pt", log=logs.append)
+    assert any(line.startswith("teacher: ") and "0 initialised fresh" in line for line in logs)
+    assert (result.bundle_dir / "manifest.json").is_file()
