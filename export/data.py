@@ -129,3 +129,26 @@ class CaseSubset:
     def batches(self, order: np.ndarray, batch_size: int) -> Iterator[Batch]:
         return self.cases.batches(self.rows[order], batch_size)
 
+
+class ConcatCases:
+    """Several PreparedCases read as one (pooled, centralized training over sites' caches)."""
+
+    def __init__(self, parts: list[PreparedCases]) -> None:
+        self.parts = parts
+        self.where = [(p, r) for p in parts for r in range(len(p))]
+        self.labels = np.concatenate([p.labels for p in parts])
+        self.mask = np.concatenate([p.mask for p in parts])
+
+    def __len__(self) -> int:
+        return len(self.where)
+
+    def batches(self, order: np.ndarray, batch_size: int) -> Iterator[Batch]:
+        for start in range(0, len(order), batch_size):
+            rows = [self.where[i] for i in order[start : start + batch_size]]
+            yield Batch(
+                inputs={m: torch.from_numpy(np.stack([p.arrays[m][r] for p, r in rows]).astype(np.float32)) for m in MODALITIES},
+                mask=torch.from_numpy(np.stack([p.mask[r] for p, r in rows])),
+                labels=torch.from_numpy(np.array([p.labels[r] for p, r in rows])),
+                case_ids=[p.case_ids[r] for p, r in rows],
+            )
+

@@ -34,8 +34,8 @@ from .models import Teacher
 from .stats import fit_preprocessing
 from .train import Log, augment, drop_modalities, load_pretrained
 
-SITE_STRIDE = 100_000  # site k's training cases are k*SITE_STRIDE + i; validation from VAL_OFFSET on
-VAL_OFFSET = 50_000
+SITE_STRIDE = 100_000  # site k's training cases are k*SITE_STRIDE + i; validation / test from the offsets on
+VAL_OFFSET, TEST_OFFSET = 50_000, 75_000
 CHECKPOINT = "federated.pt"
 LOG = "rounds.jsonl"
 
@@ -53,6 +53,7 @@ class Site:
     index: int
     train: PreparedCases
     val: PreparedCases
+    test: PreparedCases | None = None  # held out from everything, for benchmarks
 
     @property
     def modality_fraction(self) -> dict[str, float]:
@@ -125,6 +126,7 @@ class FederationSpec:
     local_epochs: int = 1
     cases_per_site: int = 120
     val_per_site: int = 40
+    test_per_site: int = 0
     beta: float = 0.3
     mu: float = 0.01  # FedProx
     label_alpha: float | None = None  # Dirichlet label skew across sites (None: the cohort's mild default)
@@ -157,12 +159,8 @@ def run_federation(
 def _federate(
     out: Path, work: Path, cfg: PipelineConfig, spec: FederationSpec, strategy: DWFL, seed: int, resume: bool, log: Log
 ) -> dict:
-    cohort = SyntheticCohort(SynthConfig(seed=seed, n_sites=spec.sites, spec=cfg.input, label_alpha=spec.label_alpha))
-    pre = fit_preprocessing(
-        (cohort.case(k * SITE_STRIDE + i, site=k) for k in range(spec.sites) for i in range(min(16, spec.cases_per_site))),
-        cfg.input,
-    )
-    sites = _prepare_sites(cohort, pre, spec, work)
+    cohort, pre = prepare_cohort(cfg, spec, seed)
+    sites = prepare_sites(cohort, pre, spec, work)
     torch.manual_seed(seed)
     model = Teacher(cfg.model, cfg.input.n_genes, len(cfg.classes), cfg.train.contrastive_temperature)
     if spec.init_checkpoint is not None:
@@ -208,18 +206,30 @@ def _federate(
             fh.write(json.dumps(record) + "\n")
         log(f"round {rnd + 1}/{spec.rounds}: val AUC " + " ".join(f"{k} {v:.3f}" for k, v in site_auc.items())
             + "  weights " + " ".join(f"{k} {v:.2f}" for k, v in result.weights["shared"].items()))
-    return {"rounds": history, "checkpoint": str(ckpt)}
+    test_auc = {f"site{s.index}": round(evaluate_site(model, s.test, cfg.train.batch_size, device)[1], 4) for s in sites if s.test}
+    return {"rounds": history, "checkpoint": str(ckpt), "test_auc": test_auc}
 
 
-def _prepare_sites(cohort: SyntheticCohort, pre: Preprocessing, spec: FederationSpec, folder: Path) -> list[Site]:
+def prepare_cohort(cfg: PipelineConfig, spec: FederationSpec, seed: int) -> tuple[SyntheticCohort, Preprocessing]:
+    cohort = SyntheticCohort(SynthConfig(seed=seed, n_sites=spec.sites, spec=cfg.input, label_alpha=spec.label_alpha))
+    pre = fit_preprocessing(
+        (cohort.case(k * SITE_STRIDE + i, site=k) for k in range(spec.sites) for i in range(min(16, spec.cases_per_site))),
+        cfg.input,
+    )
+    return cohort, pre
+
+
+def prepare_sites(cohort: SyntheticCohort, pre: Preprocessing, spec: FederationSpec, folder: Path) -> list[Site]:
     """Each site's own cases only (non-IID by construction of the cohort's site profiles)."""
     sites = []
     for k in range(spec.sites):
         base = k * SITE_STRIDE
-        train = _site_cases(cohort, pre, folder / f"site{k}" / "train", range(base, base + spec.cases_per_site), k)
-        val = _site_cases(cohort, pre, folder / f"site{k}" / "val",
-                          range(base + VAL_OFFSET, base + VAL_OFFSET + spec.val_per_site), k)
-        sites.append(Site(k, train, val))
+
+        def cases(split: str, start: int, count: int) -> PreparedCases:
+            return _site_cases(cohort, pre, folder / f"site{k}" / split, range(base + start, base + start + count), k)
+
+        test = cases("test", TEST_OFFSET, spec.test_per_site) if spec.test_per_site else None
+        sites.append(Site(k, cases("train", 0, spec.cases_per_site), cases("val", VAL_OFFSET, spec.val_per_site), test))
     return sites
 
 
