@@ -98,3 +98,18 @@ def test_export_pipeline_starts_from_the_federated_teacher(tmp_path):
                           init_checkpoint=tmp_path / "fl" / "federated.pt", log=logs.append)
     assert any(line.startswith("teacher: ") and "0 initialised fresh" in line for line in logs)
     assert (result.bundle_dir / "manifest.json").is_file()
+
+
+def test_pooled_cases_view_reads_every_site(tmp_path):
+    from export.data import ConcatCases
+    from export.federated import prepare_cohort, prepare_sites
+
+    spec = FederationSpec(sites=2, rounds=1, cases_per_site=5, val_per_site=3, test_per_site=4)
+    cohort, pre = prepare_cohort(CFG, spec, seed=0)
+    sites = prepare_sites(cohort, pre, spec, tmp_path)
+    assert all(len(s.test) == 4 for s in sites)
+    pooled = ConcatCases([s.train for s in sites])
+    assert len(pooled) == 10
+    (batch,) = list(pooled.batches(np.arange(10), 10))
+    assert batch.case_ids == sites[0].train.case_ids + sites[1].train.case_ids
+    assert np.array_equal(batch.inputs["genomics"][7].numpy(), sites[1].train.arrays["genomics"][2].astype(np.float32))
