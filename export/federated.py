@@ -128,6 +128,7 @@ class FederationSpec:
     val_per_site: int = 40
     test_per_site: int = 0
     beta: float = 0.3
+    temperature: float = 1.0  # DW-FL dynamic share
     mu: float = 0.01  # FedProx
     label_alpha: float | None = None  # Dirichlet label skew across sites (None: the cohort's mild default)
     device: str = "cpu"
@@ -138,7 +139,7 @@ def make_strategy(spec: FederationSpec) -> DWFL:
     if spec.strategy not in STRATEGIES:
         raise BadInput(f"unknown strategy {spec.strategy!r}: choose one of {', '.join(STRATEGIES)}")
     if spec.strategy == "dwfl":
-        return STRATEGIES["dwfl"](beta=spec.beta)
+        return STRATEGIES["dwfl"](beta=spec.beta, temperature=spec.temperature)
     if spec.strategy == "fedprox":
         return STRATEGIES["fedprox"](mu=spec.mu)
     return STRATEGIES[spec.strategy]()
