@@ -32,7 +32,7 @@ from .config import PipelineConfig, TrainConfig
 from .data import Batch, PreparedCases
 from .models import Teacher
 from .stats import fit_preprocessing
-from .train import Log, augment, drop_modalities, load_pretrained
+from .train import Log, augment, drop_modalities, load_pretrained, teacher_loss
 
 SITE_STRIDE = 100_000  # site k's training cases are k*SITE_STRIDE + i; validation / test from the offsets on
 VAL_OFFSET, TEST_OFFSET = 50_000, 75_000
@@ -98,10 +98,7 @@ def local_train(
             inputs = augment(batch.inputs, gen) if cfg.augment else batch.inputs
             mask = drop_modalities(batch.mask, cfg.modality_dropout, gen).to(device)
             batch = Batch(inputs, batch.mask, batch.labels, batch.case_ids).to(device)
-            emb = model.embed(batch.inputs, batch.mask)
-            loss = F.cross_entropy(model.classify(emb, mask), batch.labels)
-            if cfg.contrastive_weight:
-                loss = loss + cfg.contrastive_weight * model.alignment.loss(emb, batch.mask)
+            loss = teacher_loss(model, batch, mask, cfg)
             if anchor is not None:
                 loss = loss + mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
             opt.zero_grad()

@@ -102,15 +102,18 @@ def fit(
 def train_teacher(
     teacher: Teacher, data: PreparedCases, val: PreparedCases | None, cfg: TrainConfig, seed: int, log: Log, device: str = "cpu"
 ) -> Teacher:
-    def loss_fn(batch: Batch, mask: torch.Tensor) -> torch.Tensor:
-        # One encoder pass: alignment sees every present modality, the classifier only the kept ones.
-        emb = teacher.embed(batch.inputs, batch.mask)
-        loss = F.cross_entropy(teacher.classify(emb, mask), batch.labels)
-        if cfg.contrastive_weight:
-            loss = loss + cfg.contrastive_weight * teacher.alignment.loss(emb, batch.mask)
-        return loss
+    return fit(teacher, lambda batch, mask: teacher_loss(teacher, batch, mask, cfg), data, val, cfg,
+               cfg.teacher_epochs, seed, "teacher", log, device)
 
-    return fit(teacher, loss_fn, data, val, cfg, cfg.teacher_epochs, seed, "teacher", log, device)
+
+def teacher_loss(teacher: Teacher, batch: Batch, mask: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    """Cross-entropy on the kept modalities + contrastive alignment. One encoder pass: alignment sees
+    every present modality, the classifier only those ``mask`` keeps (modality dropout)."""
+    emb = teacher.embed(batch.inputs, batch.mask)
+    loss = F.cross_entropy(teacher.classify(emb, mask), batch.labels)
+    if cfg.contrastive_weight:
+        loss = loss + cfg.contrastive_weight * teacher.alignment.loss(emb, batch.mask)
+    return loss
 
 
 def distillation_loss(
