@@ -74,6 +74,7 @@ class Case:
     tiles: list[np.ndarray] | None = None  # uint8 (H, W, 3) each
     genomics: np.ndarray | None = None  # float32 (G,), raw expression aligned to the gene list, NaN = missing
     warnings: list[str] = field(default_factory=list)
+    risk: float | None = None  # synthetic only: the latent disease factor, an auxiliary (multi-task) target
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -175,6 +176,7 @@ class SyntheticCohort:
             ct_spacing=spec.ct_spacing_mm if present[0] else None,
             tiles=[_tile(streams[1], spec, prof, signal[1])] if present[1] else None,
             genomics=_expression(streams[2], self._genes, prof, site, self.config.seed, signal[2]) if present[2] else None,
+            risk=float(latent),
         )
 
     def iter_cases(self, start: int, count: int, site: int | None = None) -> Iterator[Case]:

@@ -73,30 +73,58 @@ def pipeline(out: Path, config_name: str, seed: int, signing_key: Path | None, m
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for federated.pt and rounds.jsonl.")
 @click.option("--sites", default=4, show_default=True, type=click.IntRange(1, 64), help="Simulated sites (non-IID).")
 @click.option("--rounds", default=5, show_default=True, type=click.IntRange(1, 10_000), help="Federated rounds.")
-@click.option("--strategy", default="dwfl", show_default=True, type=click.Choice(["dwfl", "fedavg", "fedprox", "fedavgm"]))
+@click.option("--strategy", default="dwfl", show_default=True,
+              type=click.Choice(["dwfl", "fedavg", "fedprox", "fedavgm", "centralized", "local"]),
+              help="Aggregation rule, or a reference point: centralized (pooled data) / local (each site alone).")
 @click.option("--config", "config_name", default="tiny", show_default=True, type=click.Choice(sorted(CONFIGS)), help="Model size.")
 @click.option("--cases-per-site", default=120, show_default=True, type=click.IntRange(4, 1_000_000))
+@click.option("--val-per-site", default=40, show_default=True, type=click.IntRange(2, 1_000_000))
+@click.option("--test-per-site", default=0, show_default=True, type=click.IntRange(0, 1_000_000),
+              help="Held-out cases per site; their AUC is printed at the end.")
 @click.option("--local-epochs", default=1, show_default=True, type=click.IntRange(1, 1000))
 @click.option("--beta", default=0.3, show_default=True, type=click.FloatRange(0.0, 1.0), help="DW-FL dynamic share.")
+@click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(min=1e-3), help="DW-FL temperature T.")
+@click.option("--dynamic", default="loss", show_default=True, type=click.Choice(["loss", "relative"]),
+              help="DW-FL dynamic term: softmax(L/T) (DESIGN §4) or softmax(L/(T mean L)).")
+@click.option("--label-alpha", default=None, type=click.FloatRange(min=1e-3), help="Dirichlet label skew (smaller: more skew).")
+@click.option("--local-norm/--shared-norm", default=True, show_default=True,
+              help="FedBN: keep normalisation layers at each site, or average them like the rest.")
+@click.option("--aux-weight", default=None, type=click.FloatRange(min=0.0),
+              help="Weight of the auxiliary risk-score task (multi-task); 0 turns it off. Default: the config's.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
 @click.option("--resume", is_flag=True, help="Continue after the last checkpointed round.")
 @click.option("--threads", default=2, show_default=True, type=click.IntRange(1, 256), help="torch threads.")
 @click.option("--device", default="cpu", show_default=True, help="torch device (cpu, cuda, cuda:1).")
-@click.option("--init-checkpoint", type=click.Path(path_type=Path), default=None, help="Local pretrained teacher weights.")
+@click.option("--init-checkpoint", type=click.Path(path_type=Path), default=None,
+              help="Local pretrained teacher weights (transfer learning; nothing is downloaded).")
 @handle_errors
 def train_teacher(out: Path, sites: int, rounds: int, strategy: str, config_name: str, cases_per_site: int,
-                  local_epochs: int, beta: float, seed: int, resume: bool, threads: int, device: str,
-                  init_checkpoint: Path | None) -> None:
+                  val_per_site: int, test_per_site: int, local_epochs: int, beta: float, temperature: float, dynamic: str,
+                  label_alpha: float | None, local_norm: bool, aux_weight: float | None, seed: int, resume: bool,
+                  threads: int, device: str, init_checkpoint: Path | None) -> None:
     """Federated teacher training, simulated: each site streams only its own cases; per round the
     per-site validation AUC and aggregation weights are logged (OUT/rounds.jsonl) and checkpointed."""
     import torch
 
-    from .federated import FederationSpec, run_federation
+    from .federated import BASELINES, FederationSpec, run_baseline, run_federation
 
     torch.set_num_threads(threads)
+    if init_checkpoint is not None and not init_checkpoint.is_file():
+        raise BadInput(f"{init_checkpoint}: no such checkpoint file")
+    cfg = get_config(config_name)
+    if aux_weight is not None:
+        cfg = cfg.with_train(aux_weight=aux_weight)
     spec = FederationSpec(sites=sites, rounds=rounds, strategy=strategy, local_epochs=local_epochs,
-                          cases_per_site=cases_per_site, beta=beta, device=check_device(device), init_checkpoint=init_checkpoint)
-    run_federation(out, get_config(config_name), spec, seed, resume, click.echo)
+                          cases_per_site=cases_per_site, val_per_site=val_per_site, test_per_site=test_per_site,
+                          beta=beta, temperature=temperature, dynamic=dynamic, label_alpha=label_alpha,
+                          local_norm=local_norm, device=check_device(device), init_checkpoint=init_checkpoint)
+    if strategy in BASELINES:
+        result = run_baseline(out, cfg, spec, seed, click.echo)
+        click.echo(f"{strategy}: validation AUC " + json.dumps(result["rounds"][-1]["val_auc"]))
+    else:
+        result = run_federation(out, cfg, spec, seed, resume, click.echo)
+    if result["test_auc"]:
+        click.echo("test AUC " + json.dumps(result["test_auc"]))
 
 
 @main.command()

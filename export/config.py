@@ -32,7 +32,8 @@ class TrainConfig:
     test_cases: int = 300
     stats_cases: int = 128  # cases used to fit colour / gene statistics
     calib_cases: int = 32
-    teacher_epochs: int = 5
+    teacher_epochs: int = 5  # federated: rounds of one local epoch each
+    teacher_training: str = "federated"  # "federated" (DW-FL over the cohort's sites) or "central"
     student_epochs: int = 5
     batch_size: int = 16
     lr: float = 3e-3
@@ -41,6 +42,7 @@ class TrainConfig:
     augment: bool = True  # flips / turns of images, noise on expression
     contrastive_weight: float = 0.2
     contrastive_temperature: float = 0.2
+    aux_weight: float = 0.1  # multi-task: auxiliary risk-score regression; 0 turns it off
     kd_temperature: float = 2.0
     kd_alpha: float = 0.5  # weight of the KL term; (1 - alpha) on the label loss
     feature_weight: float = 0.5

@@ -24,11 +24,14 @@ class Batch:
     mask: torch.Tensor  # (B, 3) float, 1 = present
     labels: torch.Tensor  # (B,) long
     case_ids: list[str]
+    risk: torch.Tensor | None = None  # (B,) float, NaN = unknown: the auxiliary (multi-task) target
 
     def to(self, device: torch.device | str) -> "Batch":
         if str(device) == "cpu":
             return self
-        return Batch({m: x.to(device) for m, x in self.inputs.items()}, self.mask.to(device), self.labels.to(device), self.case_ids)
+        risk = None if self.risk is None else self.risk.to(device)
+        return Batch({m: x.to(device) for m, x in self.inputs.items()}, self.mask.to(device), self.labels.to(device),
+                     self.case_ids, risk)
 
 
 def _zeros(pre: Preprocessing) -> dict[str, np.ndarray]:
@@ -58,6 +61,7 @@ def collate(cases: list[Case], pre: Preprocessing) -> Batch:
         mask=torch.from_numpy(mask),
         labels=torch.tensor([c.label for c in cases], dtype=torch.long),
         case_ids=[c.case_id for c in cases],
+        risk=torch.tensor([np.nan if c.risk is None else c.risk for c in cases], dtype=torch.float32),
     )
 
 
@@ -87,13 +91,18 @@ class PreparedCases:
         }
         self.mask = np.zeros((n, len(MODALITIES)), np.float32)
         self.labels = np.zeros(n, np.int64)
+        self.risk = np.full(n, np.nan, np.float32)
+        self.site = np.full(n, -1, np.int64)  # the synthetic site (federated teacher training), -1 unknown
         self.case_ids: list[str] = []
         for row, index in enumerate(indices):
-            batch = collate([cohort.case(int(index))], pre)
+            case = cohort.case(int(index))
+            batch = collate([case], pre)
+            self.site[row] = case.site if isinstance(case.site, int) else -1
             for m in MODALITIES:
                 self.arrays[m][row] = batch.inputs[m][0].numpy()
             self.mask[row] = batch.mask[0].numpy()
             self.labels[row] = int(batch.labels[0])
+            self.risk[row] = float(batch.risk[0])
             self.case_ids.extend(batch.case_ids)
         for arr in self.arrays.values():
             arr.flush()
@@ -109,6 +118,7 @@ class PreparedCases:
                 mask=torch.from_numpy(self.mask[rows]),
                 labels=torch.from_numpy(self.labels[rows]),
                 case_ids=[self.case_ids[r] for r in rows],
+                risk=torch.from_numpy(self.risk[rows]),
             )
 
     def subset(self, rows: np.ndarray) -> "CaseSubset":
@@ -150,5 +160,6 @@ class ConcatCases:
                 mask=torch.from_numpy(np.stack([p.mask[r] for p, r in rows])),
                 labels=torch.from_numpy(np.array([p.labels[r] for p, r in rows])),
                 case_ids=[p.case_ids[r] for p, r in rows],
+                risk=torch.from_numpy(np.array([p.risk[r] for p, r in rows], np.float32)),
             )
 

@@ -10,6 +10,7 @@ model keeps the data-weighted mean of them for evaluation.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import tempfile
@@ -26,13 +27,20 @@ from edge_runtime.fsutil import write_atomic
 from edge_runtime.metrics import roc_auc
 from edge_runtime.preprocess import Preprocessing
 from edge_runtime.synthetic import SynthConfig, SyntheticCohort
-from federation.aggregation import STRATEGIES, ClientUpdate, DWFL, UpdateMeta, from_list
+from federation.aggregation import DWFL, STRATEGIES, ClientUpdate, UpdateMeta, from_list
 
 from .config import PipelineConfig, TrainConfig
-from .data import Batch, PreparedCases
+from .data import ConcatCases, PreparedCases
 from .models import Teacher
 from .stats import fit_preprocessing
-from .train import Log, augment, drop_modalities, load_pretrained, teacher_loss
+from .train import (
+    Log,
+    augment,
+    drop_modalities,
+    load_pretrained,
+    teacher_loss,
+    train_teacher,
+)
 
 SITE_STRIDE = 100_000  # site k's training cases are k*SITE_STRIDE + i; validation / test from the offsets on
 VAL_OFFSET, TEST_OFFSET = 50_000, 75_000
@@ -67,7 +75,8 @@ def _params(model: torch.nn.Module) -> dict[str, np.ndarray]:
 def _load_params(model: torch.nn.Module, params: dict[str, np.ndarray]) -> None:
     with torch.no_grad():
         for k, v in model.named_parameters():
-            v.copy_(torch.from_numpy(params[k]))
+            if k in params:  # FedBN: normalisation layers are not among the shared parameters
+                v.copy_(torch.from_numpy(params[k]))
 
 
 @torch.no_grad()
@@ -97,7 +106,7 @@ def local_train(
         for batch in site.train.batches(order, cfg.batch_size):
             inputs = augment(batch.inputs, gen) if cfg.augment else batch.inputs
             mask = drop_modalities(batch.mask, cfg.modality_dropout, gen).to(device)
-            batch = Batch(inputs, batch.mask, batch.labels, batch.case_ids).to(device)
+            batch = dataclasses.replace(batch, inputs=inputs).to(device)
             loss = teacher_loss(model, batch, mask, cfg)
             if anchor is not None:
                 loss = loss + mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
@@ -106,13 +115,24 @@ def local_train(
             opt.step()
 
 
-def _average_buffers(model: Teacher, site_buffers: list[dict[str, torch.Tensor]], weights: list[float]) -> None:
-    """Global BatchNorm statistics for evaluation: data-weighted mean of the sites' own."""
+def norm_names(model: torch.nn.Module) -> set[str]:
+    """State-dict names of every normalisation layer's tensors (affine weights and running statistics)."""
+    names = set()
+    for prefix, module in model.named_modules():
+        if isinstance(module, (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.LayerNorm)):
+            names.update(f"{prefix}.{k}" for k, _ in module.state_dict().items())
+    return names
+
+
+def _weighted_mean(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
     total = sum(weights)
-    with torch.no_grad():
-        for name, buf in model.named_buffers():
-            if buf.dtype.is_floating_point:
-                buf.copy_(sum(w / total * b[name] for w, b in zip(weights, site_buffers)))
+    out = {}
+    for name, first in states[0].items():
+        if first.dtype.is_floating_point:
+            out[name] = sum(w / total * s[name] for w, s in zip(weights, states))
+        else:  # num_batches_tracked
+            out[name] = max(s[name] for s in states)
+    return out
 
 
 @dataclass(frozen=True)
@@ -126,8 +146,10 @@ class FederationSpec:
     test_per_site: int = 0
     beta: float = 0.3
     temperature: float = 1.0  # DW-FL dynamic share
+    dynamic: str = "loss"  # DW-FL dynamic term: "loss" (DESIGN §4) or "relative" (L_k / mean L)
     mu: float = 0.01  # FedProx
     label_alpha: float | None = None  # Dirichlet label skew across sites (None: the cohort's mild default)
+    local_norm: bool = True  # FedBN: normalisation layers stay at each site, never averaged
     device: str = "cpu"
     init_checkpoint: Path | None = None  # local pretrained weights (transfer learning); never downloaded
 
@@ -136,7 +158,7 @@ def make_strategy(spec: FederationSpec) -> DWFL:
     if spec.strategy not in STRATEGIES:
         raise BadInput(f"unknown strategy {spec.strategy!r}: choose one of {', '.join(STRATEGIES)}")
     if spec.strategy == "dwfl":
-        return STRATEGIES["dwfl"](beta=spec.beta, temperature=spec.temperature)
+        return STRATEGIES["dwfl"](beta=spec.beta, temperature=spec.temperature, dynamic=spec.dynamic)
     if spec.strategy == "fedprox":
         return STRATEGIES["fedprox"](mu=spec.mu)
     return STRATEGIES[spec.strategy]()
@@ -145,67 +167,133 @@ def make_strategy(spec: FederationSpec) -> DWFL:
 def run_federation(
     out: Path, cfg: PipelineConfig, spec: FederationSpec, seed: int = 0, resume: bool = False, log: Log = print
 ) -> dict:
-    """Simulate ``spec.rounds`` rounds; checkpoint and log (JSON lines) after every round."""
+    """Simulate ``spec.rounds`` rounds on a synthetic cohort whose cases are pinned to their sites;
+    checkpoint and log (JSON lines) after every round."""
     if spec.sites < 1 or spec.rounds < 1:
         raise BadInput("need at least one site and one round")
-    strategy = make_strategy(spec)
+    make_strategy(spec)  # fail on a bad strategy before preparing data
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out, prefix=".cases-") as work:
-        return _federate(out, Path(work), cfg, spec, strategy, seed, resume, log)
+        cohort, pre = prepare_cohort(cfg, spec, seed)
+        sites = prepare_sites(cohort, pre, spec, Path(work))
+        torch.manual_seed(seed)
+        model = Teacher(cfg.model, cfg.input.n_genes, len(cfg.classes), cfg.train.contrastive_temperature)
+        if spec.init_checkpoint is not None:
+            loaded, skipped = load_pretrained(model, spec.init_checkpoint)
+            log(f"initialised {loaded} tensors from {spec.init_checkpoint} ({skipped} kept their initialisation)")
+        fed = Federation(model, sites, spec, cfg.train, seed, out, log)
+        fed.run(resume)
+        return {"rounds": fed.history, "checkpoint": str(out / CHECKPOINT), "test_auc": fed.test_auc(),
+                "preprocessing": pre.to_dict()}
 
 
-def _federate(
-    out: Path, work: Path, cfg: PipelineConfig, spec: FederationSpec, strategy: DWFL, seed: int, resume: bool, log: Log
-) -> dict:
-    cohort, pre = prepare_cohort(cfg, spec, seed)
-    sites = prepare_sites(cohort, pre, spec, work)
-    torch.manual_seed(seed)
-    model = Teacher(cfg.model, cfg.input.n_genes, len(cfg.classes), cfg.train.contrastive_temperature)
-    if spec.init_checkpoint is not None:
-        loaded, skipped = load_pretrained(model, spec.init_checkpoint)
-        log(f"initialised {loaded} tensors from {spec.init_checkpoint} ({skipped} kept their initialisation)")
-    model.to(spec.device)
-    start = 0
-    ckpt = out / CHECKPOINT
-    if resume and ckpt.exists():
-        state = torch.load(ckpt, map_location=spec.device, weights_only=True)
-        model.load_state_dict(state["model"])
-        if hasattr(strategy, "velocity") and state.get("velocity"):
-            strategy.velocity = {k: v.numpy() for k, v in state["velocity"].items()}
-        start = state["round"]
-        log(f"resumed after round {start}")
-    elif (out / LOG).exists():
-        (out / LOG).unlink()
-    history = []
-    device = spec.device
-    for rnd in range(start, spec.rounds):
-        global_params = _params(model)
-        global_state = {k: v.clone() for k, v in model.state_dict().items()}
-        updates, site_buffers, auc_before = [], [], {}
-        for site in sites:
-            val_loss, auc_before[site.index] = evaluate_site(model, site.val, cfg.train.batch_size, device)
-            local_train(model, site, cfg.train, spec.local_epochs, strategy.mu if hasattr(strategy, "mu") else 0.0,
-                        seed=seed * 1000 + rnd * 100 + site.index, device=device)
-            delta = {k: v - global_params[k] for k, v in _params(model).items()}
-            meta = UpdateMeta(f"site{site.index}", len(site.train), val_loss, site.modality_fraction)
-            updates.append(ClientUpdate(meta, delta))
-            site_buffers.append({k: v.clone() for k, v in model.named_buffers()})
+class Federation:
+    """The rounds of one federation over in-memory sites: local training, DW-FL (or a baseline)
+    aggregation of the shared parameters, FedBN-style local normalisation, a checkpoint and a JSON
+    line per round. The model ends on CPU holding the global parameters (normalisation: the
+    data-weighted mean of the sites' own, for a clinic the federation has not seen)."""
+
+    def __init__(self, model: Teacher, sites: list[Site], spec: FederationSpec, cfg: TrainConfig, seed: int,
+                 out: Path, log: Log = print) -> None:
+        self.model, self.sites, self.spec, self.cfg, self.seed, self.out, self.log = model, sites, spec, cfg, seed, out, log
+        self.strategy = make_strategy(spec)
+        self.norms = norm_names(model)
+        self.site_norms: dict[int, dict[str, torch.Tensor]] = {}
+        self.history: list[dict] = []
+
+    def _shared(self, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {k: v for k, v in params.items() if not (self.spec.local_norm and k in self.norms)}
+
+    def _at_site(self, global_state: dict[str, torch.Tensor], site: Site) -> None:
+        """The global model as site ``site`` sees it: its own normalisation layers under FedBN."""
+        self.model.load_state_dict(global_state)
+        own = self.site_norms.get(site.index) if self.spec.local_norm else None
+        if own:
+            self.model.load_state_dict(own, strict=False)
+
+    def run(self, resume: bool = False) -> None:
+        spec, model, device = self.spec, self.model, self.spec.device
+        model.to(device)
+        self.out.mkdir(parents=True, exist_ok=True)
+        start, ckpt, log_path = 0, self.out / CHECKPOINT, self.out / LOG
+        if resume and ckpt.exists():
+            start = self._restore(ckpt)
+            self.log(f"resumed after round {start}")
+        elif log_path.exists():
+            log_path.unlink()
+        mu = getattr(self.strategy, "mu", 0.0)
+        bs = self.cfg.batch_size
+        for rnd in range(start, spec.rounds):
+            global_params = self._shared(_params(model))
+            global_state = {k: v.clone() for k, v in model.state_dict().items()}
+            updates, site_state, auc_before = [], [], {}
+            for site in self.sites:
+                self._at_site(global_state, site)
+                val_loss, auc_before[site.index] = evaluate_site(model, site.val, bs, device)
+                local_train(model, site, self.cfg, spec.local_epochs, mu, seed=self.seed * 1000 + rnd * 100 + site.index,
+                            device=device)
+                delta = {k: v - global_params[k] for k, v in self._shared(_params(model)).items()}
+                meta = UpdateMeta(f"site{site.index}", len(site.train), val_loss, site.modality_fraction)
+                updates.append(ClientUpdate(meta, delta))
+                state = model.state_dict()
+                site_state.append({k: state[k].detach().clone() for k in self.norms})
+            result = self.strategy.aggregate(global_params, from_list(updates), branch_of)
             model.load_state_dict(global_state)
-        result = strategy.aggregate(global_params, from_list(updates), branch_of)
-        _load_params(model, result.params)
-        _average_buffers(model, site_buffers, [len(s.train) for s in sites])
-        site_auc = {f"site{s.index}": round(evaluate_site(model, s.val, cfg.train.batch_size, device)[1], 4) for s in sites}
-        record = {"round": rnd + 1, "strategy": spec.strategy, "val_auc": site_auc,
-                  "val_auc_before": {f"site{k}": round(v, 4) for k, v in auc_before.items()},
-                  "weights": result.weights["shared"], "rejected": result.rejected, "clip_bound": round(result.clip_bound, 6)}
-        history.append(record)
-        _checkpoint(ckpt, model, strategy, rnd + 1)
-        with open(out / LOG, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
-        log(f"round {rnd + 1}/{spec.rounds}: val AUC " + " ".join(f"{k} {v:.3f}" for k, v in site_auc.items())
-            + "  weights " + " ".join(f"{k} {v:.2f}" for k, v in result.weights["shared"].items()))
-    test_auc = {f"site{s.index}": round(evaluate_site(model, s.test, cfg.train.batch_size, device)[1], 4) for s in sites if s.test}
-    return {"rounds": history, "checkpoint": str(ckpt), "test_auc": test_auc}
+            _load_params(model, result.params)
+            sizes = [len(s.train) for s in self.sites]
+            if spec.local_norm:
+                self.site_norms = {s.index: st for s, st in zip(self.sites, site_state)}
+                model.load_state_dict(_weighted_mean(site_state, sizes), strict=False)
+            else:  # affine weights were averaged with the rest; running statistics: data-weighted mean
+                stats = [{k: v for k, v in st.items() if k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+                         for st in site_state]
+                model.load_state_dict(_weighted_mean(stats, sizes), strict=False)
+            global_state = {k: v.clone() for k, v in model.state_dict().items()}
+            site_auc = {f"site{s.index}": round(self._site_auc(global_state, s, s.val), 4) for s in self.sites}
+            model.load_state_dict(global_state)
+            record = {"round": rnd + 1, "strategy": spec.strategy, "val_auc": site_auc,
+                      "val_auc_before": {f"site{k}": round(v, 4) for k, v in auc_before.items()},
+                      "weights": result.weights["shared"], "rejected": result.rejected,
+                      "clip_bound": round(result.clip_bound, 6)}
+            self.history.append(record)
+            self._checkpoint(ckpt, rnd + 1)
+            with open(log_path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+            self.log(f"round {rnd + 1}/{spec.rounds}: val AUC " + " ".join(f"{k} {v:.3f}" for k, v in site_auc.items())
+                     + "  weights " + " ".join(f"{k} {v:.2f}" for k, v in result.weights["shared"].items()))
+        model.to("cpu").eval()
+
+    def _site_auc(self, global_state: dict[str, torch.Tensor], site: Site, data) -> float:
+        self._at_site(global_state, site)
+        return evaluate_site(self.model, data, self.cfg.batch_size, self.spec.device)[1]
+
+    def test_auc(self) -> dict[str, float]:
+        """Each site's held-out test AUC of the final model as that site runs it."""
+        self.model.to(self.spec.device)
+        global_state = {k: v.clone() for k, v in self.model.state_dict().items()}
+        out = {f"site{s.index}": round(self._site_auc(global_state, s, s.test), 4) for s in self.sites if s.test}
+        self.model.load_state_dict(global_state)
+        self.model.to("cpu")
+        return out
+
+    def _checkpoint(self, path: Path, rnd: int) -> None:
+        velocity = getattr(self.strategy, "velocity", None)
+        buf = io.BytesIO()
+        torch.save({
+            "model": {k: v.cpu() for k, v in self.model.state_dict().items()},
+            "round": rnd,
+            "velocity": {k: torch.from_numpy(v) for k, v in velocity.items()} if velocity else None,
+            "site_norms": {str(k): {n: t.cpu() for n, t in v.items()} for k, v in self.site_norms.items()},
+        }, buf)
+        write_atomic(path, buf.getvalue())
+
+    def _restore(self, path: Path) -> int:
+        state = torch.load(path, map_location=self.spec.device, weights_only=True)
+        self.model.load_state_dict(state["model"])
+        if hasattr(self.strategy, "velocity") and state.get("velocity"):
+            self.strategy.velocity = {k: v.numpy() for k, v in state["velocity"].items()}
+        self.site_norms = {int(k): v for k, v in (state.get("site_norms") or {}).items()}
+        return int(state["round"])
 
 
 def prepare_cohort(cfg: PipelineConfig, spec: FederationSpec, seed: int) -> tuple[SyntheticCohort, Preprocessing]:
@@ -245,12 +333,47 @@ def _site_cases(cohort: SyntheticCohort, pre: Preprocessing, folder: Path, indic
     return PreparedCases(folder, _Pinned(cohort, site), pre, indices)
 
 
-def _checkpoint(path: Path, model: Teacher, strategy: DWFL, rnd: int) -> None:
-    velocity = getattr(strategy, "velocity", None)
+BASELINES = ("centralized", "local")
+
+
+def run_baseline(out: Path, cfg: PipelineConfig, spec: FederationSpec, seed: int = 0, log: Log = print) -> dict:
+    """The federation's reference points on the very same site caches: ``centralized`` (all sites'
+    cases pooled, which federation exists to avoid) and ``local`` (each site alone). Both train for
+    rounds x local epochs epochs and keep their best validation epoch."""
+    if spec.strategy not in BASELINES:
+        raise BadInput(f"unknown baseline {spec.strategy!r}: choose one of {', '.join(BASELINES)}")
+    out.mkdir(parents=True, exist_ok=True)
+    train_cfg = dataclasses.replace(cfg.train, teacher_epochs=spec.rounds * spec.local_epochs)
+
+    def new_teacher() -> Teacher:
+        torch.manual_seed(seed)
+        model = Teacher(cfg.model, cfg.input.n_genes, len(cfg.classes), cfg.train.contrastive_temperature)
+        if spec.init_checkpoint is not None:
+            load_pretrained(model, spec.init_checkpoint)
+        return model
+
+    with tempfile.TemporaryDirectory(dir=out, prefix=".cases-") as work:
+        cohort, pre = prepare_cohort(cfg, spec, seed)
+        sites = prepare_sites(cohort, pre, spec, Path(work))
+        models: dict[int, Teacher] = {}
+        if spec.strategy == "centralized":
+            pooled = train_teacher(new_teacher(), ConcatCases([s.train for s in sites]), ConcatCases([s.val for s in sites]),
+                                   train_cfg, seed, log, spec.device)
+            models = {s.index: pooled for s in sites}
+            _save(out / CHECKPOINT, {"model": pooled.state_dict(), "strategy": "centralized"})
+        else:
+            for s in sites:
+                models[s.index] = train_teacher(new_teacher(), s.train, s.val, train_cfg, seed + 100 + s.index, log, spec.device)
+                _save(out / f"local_site{s.index}.pt", {"model": models[s.index].state_dict(), "strategy": "local"})
+        bs = cfg.train.batch_size
+        val_auc = {f"site{s.index}": round(evaluate_site(models[s.index], s.val, bs)[1], 4) for s in sites}
+        test_auc = {f"site{s.index}": round(evaluate_site(models[s.index], s.test, bs)[1], 4) for s in sites if s.test}
+    record = {"strategy": spec.strategy, "val_auc": val_auc}
+    write_atomic(out / LOG, (json.dumps(record) + "\n").encode())
+    return {"rounds": [record], "test_auc": test_auc}
+
+
+def _save(path: Path, state: dict) -> None:
     buf = io.BytesIO()
-    torch.save({
-        "model": model.state_dict(),
-        "round": rnd,
-        "velocity": {k: torch.from_numpy(v) for k, v in velocity.items()} if velocity else None,
-    }, buf)
+    torch.save(state, buf)
     write_atomic(path, buf.getvalue())

@@ -214,6 +214,9 @@ class Teacher(nn.Module):
         self.alignment = AlignmentModule({m: e.out_dim for m, e in self.encoders.items()}, cfg.dim, temperature)
         self.fusion = GatedAttentionFusion(cfg.dim, cfg.dim // 2)
         self.classifier = nn.Sequential(nn.Linear(cfg.dim, cfg.dim), nn.ReLU(), nn.Dropout(0.1), nn.Linear(cfg.dim, n_classes))
+        # Multi-task: an auxiliary risk score regressed from the fused embedding (trained only where
+        # a target exists and TrainConfig.aux_weight > 0); it regularises the shared representation.
+        self.risk_head = nn.Linear(cfg.dim, 1)
         self.dim = cfg.dim
 
     def embed(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
@@ -223,10 +226,13 @@ class Teacher(nn.Module):
             embs.append(self.alignment(m, feats) * mask[:, i : i + 1])
         return torch.stack(embs, 1)
 
+    def fuse(self, emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        fused, _ = self.fusion(emb * mask.unsqueeze(-1), mask)
+        return fused
+
     def classify(self, emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Logits from shared-space embeddings of the modalities ``mask`` keeps."""
-        fused, _ = self.fusion(emb * mask.unsqueeze(-1), mask)
-        return self.classifier(fused)
+        return self.classifier(self.fuse(emb, mask))
 
     def forward(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         emb = self.embed(inputs, mask)

@@ -22,7 +22,12 @@ from edge_runtime import MODALITIES
 from edge_runtime.bundle import default_public_key_path, write_bundle
 from edge_runtime.errors import BadInput
 from edge_runtime.fsutil import write_atomic
-from edge_runtime.keys import generate_key, load_private_key, save_private_key, save_public_key
+from edge_runtime.keys import (
+    generate_key,
+    load_private_key,
+    save_private_key,
+    save_public_key,
+)
 from edge_runtime.metrics import roc_auc
 from edge_runtime.model import EdgeModel
 from edge_runtime.preprocess import Preprocessing, prepare_case
@@ -32,6 +37,7 @@ from quantize.static import quantize_int8
 
 from .config import TEST_START, VAL_START, PipelineConfig
 from .data import PreparedCases, collate
+from .federated import Federation, FederationSpec, Site
 from .models import Student, Teacher, count_parameters
 from .onnx_export import export_student
 from .stats import fit_preprocessing
@@ -159,6 +165,27 @@ def manifest_body(
     }
 
 
+def train_federated_or_central(
+    teacher: Teacher, data: PreparedCases, val: PreparedCases, cfg: PipelineConfig, seed: int, work: Path,
+    log: Callable[[str], None], device: str,
+) -> None:
+    """The teacher the product promises: trained federated with DW-FL (beta = 0.3) over the cohort's
+    sites, each site training only on its own cases, one local epoch per round; or centrally."""
+    if cfg.train.teacher_training == "central":
+        train_teacher(teacher, data, val, cfg.train, seed, log, device)
+        return
+    if cfg.train.teacher_training != "federated":
+        raise BadInput(f"teacher_training must be 'federated' or 'central', not {cfg.train.teacher_training!r}")
+    sites = [Site(k, data.subset(np.flatnonzero(data.site == k)), val.subset(np.flatnonzero(val.site == k)))
+             for k in range(cfg.n_sites)]
+    sites = [s for s in sites if len(s.train)]
+    spec = FederationSpec(sites=len(sites), rounds=cfg.train.teacher_epochs, device=device)
+    work.mkdir(parents=True, exist_ok=True)
+    log(f"teacher: federated over {len(sites)} sites ({', '.join(str(len(s.train)) for s in sites)} cases), "
+        f"{spec.rounds} rounds of DW-FL (beta {spec.beta})")
+    Federation(teacher, sites, spec, cfg.train, seed, work, log).run()
+
+
 def run_pipeline(
     out: Path, cfg: PipelineConfig, seed: int = 0, signing_key: Path | None = None,
     model_version: str = "1", log: Callable[[str], None] = print, device: str = "cpu", init_checkpoint: Path | None = None,
@@ -185,7 +212,7 @@ def run_pipeline(
         if init_checkpoint is not None:
             loaded, skipped = load_pretrained(teacher, init_checkpoint)
             log(f"teacher: {loaded} tensors from {init_checkpoint}, {skipped} initialised fresh")
-        train_teacher(teacher, data, val, cfg.train, seed, log, device)
+        train_federated_or_central(teacher, data, val, cfg, seed, work / "federation", log, device)
         timer.lap("teacher")
         student = distill(Student(cfg.model, n_genes, n_classes), teacher, data, val, cfg.train, seed, log, device)
         del data, val

@@ -1,6 +1,7 @@
 """Centralized teacher training and student distillation (DESIGN §3).
 
-Teacher loss: cross-entropy + contrastive alignment of the modalities of one case.
+Teacher loss: cross-entropy + contrastive alignment of the modalities of one case
+              + aux_weight * MSE of the auxiliary risk score (multi-task, where a target exists).
 Student loss: (1 - alpha) * CE(label) + alpha * T^2 * KL(teacher_T || student_T)
               + feature matching (MSE) of the shared-space embeddings of present modalities.
 Both use modality dropout, so every non-empty subset of modalities is seen in training.
@@ -8,6 +9,7 @@ Both use modality dropout, so every non-empty subset of modalities is seen in tr
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
@@ -81,7 +83,7 @@ def fit(
         total, n = 0.0, 0
         for batch in data.batches(_epoch_order(len(data), seed, epoch), cfg.batch_size):
             if cfg.augment:
-                batch = Batch(augment(batch.inputs, gen), batch.mask, batch.labels, batch.case_ids)
+                batch = dataclasses.replace(batch, inputs=augment(batch.inputs, gen))
             mask = drop_modalities(batch.mask, cfg.modality_dropout, gen).to(device)
             loss = loss_fn(batch.to(device), mask)
             opt.zero_grad()
@@ -110,9 +112,15 @@ def teacher_loss(teacher: Teacher, batch: Batch, mask: torch.Tensor, cfg: TrainC
     """Cross-entropy on the kept modalities + contrastive alignment. One encoder pass: alignment sees
     every present modality, the classifier only those ``mask`` keeps (modality dropout)."""
     emb = teacher.embed(batch.inputs, batch.mask)
-    loss = F.cross_entropy(teacher.classify(emb, mask), batch.labels)
+    fused = teacher.fuse(emb, mask)
+    loss = F.cross_entropy(teacher.classifier(fused), batch.labels)
     if cfg.contrastive_weight:
         loss = loss + cfg.contrastive_weight * teacher.alignment.loss(emb, batch.mask)
+    if cfg.aux_weight and batch.risk is not None:
+        known = torch.isfinite(batch.risk)
+        if bool(known.any()):
+            risk = teacher.risk_head(fused).squeeze(-1)
+            loss = loss + cfg.aux_weight * F.mse_loss(risk[known], batch.risk[known])
     return loss
 
 

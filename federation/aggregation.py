@@ -50,9 +50,20 @@ def data_shares(n: np.ndarray) -> np.ndarray:
     return n / total if total > 0 else np.zeros_like(n)
 
 
-def dynamic_shares(losses: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Softmax of the clients' validation losses of the current global model."""
-    z = np.asarray(losses, dtype=np.float64) / temperature
+DYNAMIC_TERMS = ("loss", "relative")
+
+
+def dynamic_shares(losses: np.ndarray, temperature: float = 1.0, dynamic: str = "loss") -> np.ndarray:
+    """Softmax of the clients' validation losses of the current global model, L_k / T as DESIGN §4
+    writes it ("loss"), or of L_k / (T mean_j L_j) ("relative": the same spread whatever the
+    loss's scale, which shrinks as training goes on)."""
+    losses = np.asarray(losses, dtype=np.float64)
+    if dynamic == "relative":
+        mean = losses.mean() if losses.size else 1.0
+        losses = losses / mean if mean > 0 else np.zeros_like(losses)
+    elif dynamic != "loss":
+        raise ValueError(f"unknown dynamic term {dynamic!r}: choose one of {DYNAMIC_TERMS}")
+    z = losses / temperature
     z = np.exp(z - z.max())
     return z / z.sum()
 
@@ -63,13 +74,13 @@ def staleness_discount(staleness: np.ndarray) -> np.ndarray:
 
 def dwfl_weights(
     n: np.ndarray, losses: np.ndarray, staleness: np.ndarray, beta: float = 0.3, temperature: float = 1.0,
-    noise_multiplier: np.ndarray | None = None,
+    noise_multiplier: np.ndarray | None = None, dynamic: str = "loss",
 ) -> np.ndarray:
     """Normalised client weights; all zero when no client has data for this branch."""
     a = data_shares(n)
     if a.sum() == 0:
         return a
-    d = dynamic_shares(losses, temperature) * (np.asarray(n) > 0)  # a client without data never weighs
+    d = dynamic_shares(losses, temperature, dynamic) * (np.asarray(n) > 0)  # a client without data never weighs
     d = d / d.sum()
     w = ((1 - beta) * a + beta * d) * staleness_discount(staleness)
     if noise_multiplier is not None:  # optional: inverse variance of the DP noise
@@ -122,13 +133,14 @@ class DWFL:
     server_lr: float = 1.0
     clip_factor: float = 3.0  # C = clip_factor x median update norm; 0 disables clipping
     inverse_variance: bool = False
+    dynamic: str = "loss"  # see dynamic_shares
     modalities: tuple[str, ...] = ("ct", "pathology", "genomics")
 
     def client_weights(self, metas: list[UpdateMeta], branch: str | None) -> np.ndarray:
         n = np.array([m.n * (m.modality_fraction.get(branch, 0.0) if branch else 1.0) for m in metas], dtype=np.float64)
         noise = np.array([m.noise_multiplier for m in metas]) if self.inverse_variance else None
         return dwfl_weights(n, np.array([m.val_loss for m in metas]), np.array([m.staleness for m in metas]),
-                            self.beta, self.temperature, noise)
+                            self.beta, self.temperature, noise, self.dynamic)
 
     def mean_update(self, global_params: Params, source: UpdateSource, branch_of: BranchOf) -> tuple[Params, AggregationResult]:
         """Two streaming passes: (1) validate, measure norms, read metadata; (2) accumulate the

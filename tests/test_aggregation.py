@@ -166,3 +166,15 @@ def test_streaming_memory_does_not_grow_with_the_number_of_updates():
         tracemalloc.stop()
     assert peaks[1] < peaks[0] * 1.5, f"peak grew from {peaks[0]} to {peaks[1]} bytes"
     assert peaks[1] < 20 * 256 * 256 * 4, "far below holding 20 updates at once"
+
+
+def test_relative_dynamic_term_is_scale_free():
+    from federation.aggregation import dynamic_shares
+
+    losses = np.array([0.2, 0.4, 0.6])
+    rel = dynamic_shares(losses, 0.5, "relative")
+    assert np.allclose(rel, dynamic_shares(losses * 10, 0.5, "relative"))
+    assert np.allclose(rel, dynamic_shares(losses / 0.4, 0.5, "loss"))  # L / (T * mean L)
+    assert not np.allclose(dynamic_shares(losses, 0.5), dynamic_shares(losses * 10, 0.5))
+    with pytest.raises(ValueError, match="unknown dynamic term"):
+        dynamic_shares(losses, 1.0, "other")

@@ -113,3 +113,98 @@ def test_pooled_cases_view_reads_every_site(tmp_path):
     (batch,) = list(pooled.batches(np.arange(10), 10))
     assert batch.case_ids == sites[0].train.case_ids + sites[1].train.case_ids
     assert np.array_equal(batch.inputs["genomics"][7].numpy(), sites[1].train.arrays["genomics"][2].astype(np.float32))
+
+
+def test_fedbn_keeps_each_sites_normalisation_local(tmp_path):
+    import torch
+
+    from export.federated import Federation, norm_names, prepare_cohort, prepare_sites
+    from export.models import Teacher
+
+    spec = FederationSpec(sites=2, rounds=1, cases_per_site=12, val_per_site=8)
+    cohort, pre = prepare_cohort(CFG, spec, seed=0)
+    sites = prepare_sites(cohort, pre, spec, tmp_path / "cases")
+    states = {}
+    for local in (True, False):
+        torch.manual_seed(0)
+        model = Teacher(CFG.model, CFG.input.n_genes, 2)
+        fed = Federation(model, sites, FederationSpec(**{**spec.__dict__, "local_norm": local}), CFG.train, 0,
+                         tmp_path / str(local), lambda _: None)
+        fed.run()
+        states[local] = (fed, {k: v.clone() for k, v in model.state_dict().items()})
+    fed, global_state = states[True]
+    names = norm_names(fed.model)
+    mean_name = next(n for n in names if n.endswith("running_mean"))
+    weight_name = next(n for n in names if n.endswith(".weight"))
+    own = fed.site_norms
+    assert set(own) == {0, 1}
+    assert not torch.equal(own[0][mean_name], own[1][mean_name]), "sites with other scanners keep other statistics"
+    assert not torch.equal(own[0][weight_name], own[1][weight_name]), "affine norm weights are local too"
+    expected = (own[0][weight_name] + own[1][weight_name]) / 2  # equal site sizes: the plain mean
+    assert torch.allclose(global_state[weight_name], expected, atol=1e-6)
+    shared_fed, _ = states[False]
+    assert shared_fed.site_norms == {}
+    params = dict.fromkeys(n for n, _ in fed.model.named_parameters())
+    assert not names & set(fed._shared(params)), "FedBN: no norm parameter is sent to the server"
+    assert names & set(shared_fed._shared(params)), "--shared-norm: norm parameters are averaged"
+
+
+def test_centralized_and_local_baselines(tmp_path):
+    from export.federated import run_baseline
+
+    for name in ("centralized", "local"):
+        spec = FederationSpec(sites=2, rounds=1, strategy=name, cases_per_site=8, val_per_site=6, test_per_site=6)
+        result = run_baseline(tmp_path / name, CFG, spec, seed=0, log=lambda _: None)
+        assert set(result["test_auc"]) == {"site0", "site1"}
+        assert all(0.0 <= v <= 1.0 or np.isnan(v) for v in result["test_auc"].values())
+    assert (tmp_path / "centralized" / "federated.pt").is_file()
+    assert {p.name for p in (tmp_path / "local").glob("local_site*.pt")} == {"local_site0.pt", "local_site1.pt"}
+    with pytest.raises(BadInput, match="unknown baseline"):
+        run_baseline(tmp_path / "x", CFG, FederationSpec(sites=1, rounds=1), log=lambda _: None)
+
+
+def test_auxiliary_risk_task_trains_only_when_weighted():
+    import torch
+
+    from export.data import collate
+    from export.models import Teacher
+    from export.train import teacher_loss
+    from edge_runtime.preprocess import Preprocessing
+    from edge_runtime.synthetic import SynthConfig, SyntheticCohort
+    from export.stats import fit_preprocessing
+
+    cohort = SyntheticCohort(SynthConfig(seed=0, spec=CFG.input))
+    cases = list(cohort.iter_cases(0, 6))
+    assert all(c.risk is not None and np.isfinite(c.risk) for c in cases)
+    pre: Preprocessing = fit_preprocessing(iter(cases), CFG.input)
+    batch = collate(cases, pre)
+    batch.risk[0] = float("nan")  # an unknown target is skipped, not a NaN loss
+    for weight, expect_grad in ((0.5, True), (0.0, False)):
+        torch.manual_seed(0)
+        model = Teacher(CFG.model, CFG.input.n_genes, 2)
+        loss = teacher_loss(model, batch, batch.mask, CFG.train.__class__(**{**CFG.train.__dict__, "aux_weight": weight}))
+        loss.backward()
+        assert torch.isfinite(loss)
+        grad = model.risk_head.weight.grad
+        assert (grad is not None and float(grad.abs().sum()) > 0) == expect_grad
+
+
+def test_short_federated_run_on_tiny_beats_chance(tmp_path):
+    """Two sites, three rounds of DW-FL on the tiny config (about 20 s on 2 cores)."""
+    from export.config import TINY
+
+    spec = FederationSpec(sites=2, rounds=3, cases_per_site=48, val_per_site=24, test_per_site=40)
+    result = run_federation(tmp_path, TINY, spec, seed=0, log=lambda _: None)
+    test_auc = np.array(list(result["test_auc"].values()))
+    assert test_auc.mean() > 0.65 and test_auc.min() > 0.6, result["test_auc"]
+    first, last = result["rounds"][0]["val_auc"], result["rounds"][-1]["val_auc"]
+    assert np.mean(list(last.values())) > np.mean(list(first.values())), "validation AUC rises over the rounds"
+
+
+def test_pipeline_teacher_is_trained_federated(tmp_path):
+    from export.pipeline import run_pipeline
+
+    logs: list[str] = []
+    run_pipeline(tmp_path / "out", MICRO.with_train(teacher_epochs=2, student_epochs=1), seed=0, log=logs.append)
+    assert any(line.startswith("teacher: federated over 4 sites") for line in logs), logs[:3]
+    assert sum(line.startswith("round ") for line in logs) == 2
