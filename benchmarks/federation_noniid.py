@@ -1,13 +1,21 @@
-"""Non-IID federation: DW-FL vs FedAvg vs FedProx vs FedAvgM vs centralized vs local-only.
+"""Non-IID federation: DW-FL vs FedAvg vs FedProx vs FedAvgM vs centralized vs local-only, and the
+seed flow's transfer learning, FedBN and multi-task learning each on and off.
 
 Sites differ in label prevalence (Dirichlet label skew, --label-alpha), scanner calibration/noise,
 stain colour, genomics batch effect and which modalities they have (the synthetic cohort's site
 profiles). Every method is scored on each site's own held-out test cases; per seed we take the mean
 and the worst site, then average over seeds. Federated strategies use the model after the last
-round; centralized (all sites' cases pooled) and local-only (each site alone) train for as many
-epochs as the federation has rounds x local epochs and keep their best validation epoch.
+round (with FedBN, each site runs it with its own normalisation layers); centralized (all sites'
+cases pooled) and local-only (each site alone) train for rounds x local epochs epochs and keep their
+best validation epoch.
 
-Usage: python benchmarks/federation_noniid.py [--seeds 0,1,2] [--sites 4] [--rounds 4] [--cases-per-site 96]
+Variants (name: what changes from the defaults: FedBN on, multi-task on, no pretrained start):
+  dwfl, fedavg, fedprox, fedavgm, centralized, local
+  dwfl_T0.2 / dwfl_rel0.1: the DW-FL temperature T and the "relative" dynamic term
+  *_shared_norm: FedBN off (norm layers averaged); *_no_multitask: auxiliary risk task off;
+  *_transfer: starts from a teacher pretrained centrally on another cohort (a local file).
+
+Usage: python benchmarks/federation_noniid.py [--seeds 0,1,2] [--variants ...] [--jobs 1] [--device cpu]
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import json
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -26,39 +35,78 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import png_path, write_result  # noqa: E402
 
-FL_STRATEGIES = ("dwfl", "fedavg", "fedprox", "fedavgm")
+VARIANTS: dict[str, dict] = {
+    "dwfl": {},
+    "fedavg": {"strategy": "fedavg"},
+    "fedprox": {"strategy": "fedprox"},
+    "fedavgm": {"strategy": "fedavgm"},
+    "centralized": {"strategy": "centralized"},
+    "local": {"strategy": "local"},
+    "dwfl_T0.2": {"temperature": 0.2},
+    "dwfl_rel0.1": {"dynamic": "relative", "temperature": 0.1},
+    "dwfl_shared_norm": {"local_norm": False},
+    "fedavg_shared_norm": {"strategy": "fedavg", "local_norm": False},
+    "dwfl_no_multitask": {"aux_weight": 0.0},
+    "fedavg_no_multitask": {"strategy": "fedavg", "aux_weight": 0.0},
+    "dwfl_transfer": {"transfer": True},
+    "fedavg_transfer": {"strategy": "fedavg", "transfer": True},
+}
+DEFAULT_VARIANTS = ",".join(VARIANTS)
+PRETRAIN_SEED_OFFSET = 10_000  # the pretraining cohort shares no case or site profile with the federation's
 
 
-def baselines(cfg, spec, seed: int, folder: Path) -> dict[str, dict[str, float]]:
-    """Test AUC per site of centralized and local-only training on the very same site caches."""
-    from export.data import ConcatCases
-    from export.federated import evaluate_site, prepare_cohort, prepare_sites
-    from export.models import Teacher
-    from export.train import train_teacher
+def pretrain(cfg, spec, seed: int, folder: Path) -> Path:
+    """A teacher trained centrally on another synthetic cohort: the 'public' starting point."""
+    from export.federated import run_baseline
 
-    cohort, pre = prepare_cohort(cfg, spec, seed)
-    sites = prepare_sites(cohort, pre, spec, folder)
-    train_cfg = dataclasses.replace(cfg.train, teacher_epochs=spec.rounds * spec.local_epochs)
-
-    def new_teacher():
-        return Teacher(cfg.model, cfg.input.n_genes, len(cfg.classes), cfg.train.contrastive_temperature)
-
-    pooled = train_teacher(new_teacher(), ConcatCases([s.train for s in sites]), ConcatCases([s.val for s in sites]),
-                           train_cfg, seed, lambda _: None)
-    out = {"centralized": {}, "local": {}}
-    for s in sites:
-        out["centralized"][f"site{s.index}"] = round(evaluate_site(pooled, s.test, cfg.train.batch_size)[1], 4)
-        alone = train_teacher(new_teacher(), s.train, s.val, train_cfg, seed + 100 + s.index, lambda _: None)
-        out["local"][f"site{s.index}"] = round(evaluate_site(alone, s.test, cfg.train.batch_size)[1], 4)
-    return out
+    source = dataclasses.replace(spec, strategy="centralized", test_per_site=0, init_checkpoint=None)
+    run_baseline(folder, cfg, source, seed + PRETRAIN_SEED_OFFSET, log=lambda _: None)
+    return folder / "federated.pt"
 
 
-def main() -> None:
+def run_one(job: dict) -> dict:
+    """One (seed, variant) run in its own process."""
     import torch
 
     from export.config import get_config
-    from export.federated import FederationSpec, run_federation
+    from export.federated import BASELINES, FederationSpec, run_baseline, run_federation
 
+    torch.set_num_threads(job["threads"])
+    args, name, seed = job["args"], job["variant"], job["seed"]
+    options = dict(VARIANTS[name])
+    transfer = options.pop("transfer", False)
+    aux_weight = options.pop("aux_weight", None)
+    cfg = get_config(args["config"])
+    if aux_weight is not None:
+        cfg = cfg.with_train(aux_weight=aux_weight)
+    spec = FederationSpec(sites=args["sites"], rounds=args["rounds"], cases_per_site=args["cases_per_site"],
+                          val_per_site=args["val_per_site"], test_per_site=args["test_per_site"],
+                          label_alpha=args["label_alpha"], device=args["device"], **options)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        if transfer:
+            spec = dataclasses.replace(spec, init_checkpoint=pretrain(cfg, spec, seed, Path(tmp) / "pretrain"))
+        runner = run_baseline if spec.strategy in BASELINES else run_federation
+        result = runner(Path(tmp) / "run", cfg, spec, seed, log=lambda _: None)
+    curve = [float(np.mean(list(r["val_auc"].values()))) for r in result["rounds"]] if spec.strategy not in BASELINES else []
+    out = {"seed": seed, "variant": name, "test_auc": result["test_auc"], "curve": curve,
+           "seconds": round(time.perf_counter() - start, 1)}
+    print(json.dumps({k: v for k, v in out.items() if k != "curve"}), flush=True)
+    return out
+
+
+def summarise(runs: list[dict], variants: list[str]) -> dict:
+    table = {}
+    for name in variants:
+        mine = sorted((r for r in runs if r["variant"] == name), key=lambda r: r["seed"])
+        means = [float(np.mean(list(r["test_auc"].values()))) for r in mine]
+        worst = [float(np.min(list(r["test_auc"].values()))) for r in mine]
+        table[name] = {"mean_auc": round(float(np.mean(means)), 4), "mean_auc_sd": round(float(np.std(means)), 4),
+                       "worst_site_auc": round(float(np.mean(worst)), 4), "per_seed": [r["test_auc"] for r in mine]}
+    return table
+
+
+def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--sites", type=int, default=4)
@@ -68,68 +116,71 @@ def main() -> None:
     parser.add_argument("--test-per-site", type=int, default=80)
     parser.add_argument("--label-alpha", type=float, default=0.5)
     parser.add_argument("--config", default="tiny")
-    parser.add_argument("--temperature", type=float, default=1.0, help="DW-FL temperature T of the dynamic share.")
-    parser.add_argument("--strategies", default=",".join((*FL_STRATEGIES, "centralized", "local")))
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated, from: {DEFAULT_VARIANTS}")
+    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel processes")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per run")
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--tag", default="", help="suffix of the result files, for variant runs")
     args = parser.parse_args()
-    chosen = args.strategies.split(",")
-    torch.set_num_threads(2)
-    cfg = get_config(args.config)
+    variants = args.variants.split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}")
     seeds = [int(s) for s in args.seeds.split(",")]
-    per_seed: dict[str, list[dict]] = {m: [] for m in chosen}
-    curves: dict[str, list[list[float]]] = {m: [] for m in FL_STRATEGIES if m in chosen}
-    for seed in seeds:
-        spec = FederationSpec(sites=args.sites, rounds=args.rounds, cases_per_site=args.cases_per_site,
-                              val_per_site=args.val_per_site, test_per_site=args.test_per_site, label_alpha=args.label_alpha,
-                              temperature=args.temperature)
-        for strategy in curves:
-            spec = dataclasses.replace(spec, strategy=strategy)
-            start = time.perf_counter()
-            with tempfile.TemporaryDirectory() as tmp:
-                result = run_federation(Path(tmp), cfg, spec, seed, log=lambda _: None)
-            per_seed[strategy].append(result["test_auc"])
-            curves[strategy].append([float(np.mean(list(r["val_auc"].values()))) for r in result["rounds"]])
-            print(json.dumps({"seed": seed, "strategy": strategy, "test_auc": result["test_auc"],
-                              "seconds": round(time.perf_counter() - start, 1)}), flush=True)
-        if {"centralized", "local"} & set(chosen):
-            with tempfile.TemporaryDirectory() as tmp:
-                base = baselines(cfg, spec, seed, Path(tmp))
-            for name, aucs in base.items():
-                if name in per_seed:
-                    per_seed[name].append(aucs)
-                    print(json.dumps({"seed": seed, "strategy": name, "test_auc": aucs}), flush=True)
-    table = {}
-    for name, runs in per_seed.items():
-        means = [float(np.mean(list(r.values()))) for r in runs]
-        worst = [float(np.min(list(r.values()))) for r in runs]
-        table[name] = {"mean_auc": round(float(np.mean(means)), 4), "mean_auc_sd": round(float(np.std(means)), 4),
-                       "worst_site_auc": round(float(np.mean(worst)), 4), "per_seed": runs}
-    targets = {"target": "worst-site gap >= +0.02 and mean gap >= -0.01"}
-    if {"dwfl", "fedavg", "centralized"} <= set(table):
-        targets["dwfl_worst_minus_fedavg_worst"] = round(table["dwfl"]["worst_site_auc"] - table["fedavg"]["worst_site_auc"], 4)
-        targets["dwfl_mean_minus_centralized_mean"] = round(table["dwfl"]["mean_auc"] - table["centralized"]["mean_auc"], 4)
+    jobs = [{"args": vars(args), "variant": v, "seed": s, "threads": args.threads} for s in seeds for v in variants]
+    start = time.perf_counter()
+    if args.jobs > 1:
+        import multiprocessing
+
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            runs = list(pool.map(run_one, jobs))
+    else:
+        runs = [run_one(job) for job in jobs]
+    table = summarise(runs, variants)
+    targets = {"target": "DW-FL worst-site >= FedAvg's + 0.02 and mean >= centralized's - 0.01"}
+    for name in variants:
+        if name.startswith("dwfl") and {"fedavg", "centralized"} <= set(table):
+            targets[name] = {"worst_minus_fedavg_worst": round(table[name]["worst_site_auc"] - table["fedavg"]["worst_site_auc"], 4),
+                             "mean_minus_centralized_mean": round(table[name]["mean_auc"] - table["centralized"]["mean_auc"], 4)}
     result_name = "federation_noniid" + (f"_{args.tag}" if args.tag else "")
-    write_result(result_name, {"table": table, "targets": targets}, {"settings": {k: v for k, v in vars(args).items()}, "beta": 0.3})
+    settings = {k: v for k, v in vars(args).items()}
+    write_result(result_name, {"table": table, "targets": targets, "wall_seconds": round(time.perf_counter() - start, 1)},
+                 {"settings": settings, "beta": 0.3, "variants": {v: VARIANTS[v] for v in variants}})
+    plot(runs, table, variants, args, png_path(result_name))
+    print(json.dumps({"table": {k: {kk: vv for kk, vv in v.items() if kk != "per_seed"} for k, v in table.items()},
+                      "targets": targets}, indent=2))
+
+
+def plot(runs: list[dict], table: dict, variants: list[str], args, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, runs in curves.items():
-        mean = np.mean(np.array(runs), axis=0)
-        ax.plot(range(1, len(mean) + 1), mean, "o-", label=name)
+    fig, (ax, bars) = plt.subplots(1, 2, figsize=(13, 4.5))
+    for name in variants:
+        curves = [r["curve"] for r in runs if r["variant"] == name and r["curve"]]
+        if curves and name in ("dwfl", "fedavg", "fedprox", "fedavgm", "dwfl_T0.2", "dwfl_rel0.1"):
+            mean = np.mean(np.array(curves), axis=0)
+            ax.plot(range(1, len(mean) + 1), mean, "o-", label=name)
     for base_name, style in (("centralized", "--"), ("local", ":")):
         if base_name in table:
             ax.axhline(table[base_name]["mean_auc"], ls=style, color="grey", label=f"{base_name} (test, final)")
     ax.set_xlabel("round")
     ax.set_ylabel("mean site validation AUC")
-    ax.set_title(f"{args.sites} non-IID sites, label alpha {args.label_alpha}, seeds {args.seeds}, T {args.temperature:g}")
-    ax.legend(fontsize=8)
+    ax.set_title(f"{args.sites} non-IID sites, label alpha {args.label_alpha}, seeds {args.seeds}")
+    ax.legend(fontsize=7)
+    names = list(table)
+    y = np.arange(len(names))
+    bars.barh(y - 0.2, [table[n]["mean_auc"] for n in names], 0.4, label="mean site AUC")
+    bars.barh(y + 0.2, [table[n]["worst_site_auc"] for n in names], 0.4, label="worst site AUC")
+    bars.set_yticks(y, names, fontsize=7)
+    bars.invert_yaxis()
+    bars.set_xlim(0.4, 1.0)
+    bars.set_xlabel("held-out test AUC (mean over seeds)")
+    bars.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(png_path(result_name), dpi=110)
-    print(json.dumps({"table": {k: {kk: vv for kk, vv in v.items() if kk != "per_seed"} for k, v in table.items()},
-                      "targets": targets}, indent=2))
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

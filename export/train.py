@@ -155,7 +155,7 @@ def distill(
 @torch.no_grad()
 def positive_probability(model: torch.nn.Module, batch: Batch) -> np.ndarray:
     logits, _ = model(batch.inputs, batch.mask)
-    return torch.softmax(logits, -1)[:, -1].numpy()
+    return torch.softmax(logits, -1)[:, -1].cpu().numpy()
 
 
 def load_pretrained(model: torch.nn.Module, path: Path) -> tuple[int, int]:
