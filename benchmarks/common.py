@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import platform
 import sys
 from datetime import datetime, timezone
@@ -12,30 +11,17 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def machine() -> dict:
-    model = platform.processor()
-    try:
-        model = next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    flags = cpu_flags()
     import psutil
 
+    from edge_runtime.cpuinfo import this_cpu
+
+    cpu = this_cpu()
     return {
-        "cpu": model,
-        "cores": os.cpu_count(),
+        "cpu": cpu.model,
+        "cores": cpu.cores,
         "ram_gb": round(psutil.virtual_memory().total / 1e9, 1),
-        "features": sorted(f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags),
+        "features": list(cpu.features),
         "python": platform.python_version(),
         "platform": platform.platform(),
     }
@@ -46,7 +32,7 @@ def write_result(name: str, figures: dict, extra: dict | None = None) -> Path:
     doc = {
         "benchmark": name,
         "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": "python " + " ".join([f"benchmarks/{name}.py", *sys.argv[1:]]),
+        "command": "python " + " ".join([f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]]),
         "machine": machine(),
         "figures": figures,
         **(extra or {}),

@@ -27,6 +27,12 @@ class Prediction:
     modalities: tuple[str, ...]
     latency_ms: float  # preprocessing + encoders + head
     warnings: tuple[str, ...] = ()
+    stages_ms: dict[str, float] | None = None  # "preprocess", one per present modality's encoder, "head"
+
+    @property
+    def model_ms(self) -> float:
+        """Encoders + head: the model's own time, without reading and resampling."""
+        return self.latency_ms - (self.stages_ms or {}).get("preprocess", 0.0)
 
     def to_dict(self) -> dict:
         extra = {"warnings": list(self.warnings)} if self.warnings else {}
@@ -93,23 +99,28 @@ class EdgeModel:
         (out,) = self.encoders[modality].run(None, {"x": x})
         return out.mean(axis=0)
 
-    def logits(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    def logits(self, inputs: dict[str, np.ndarray], stages_ms: dict[str, float] | None = None) -> np.ndarray:
         if not inputs:
             raise BadInput("case has no usable modality")
         emb = np.zeros((1, len(MODALITIES), self.dim), dtype=np.float32)
         mask = np.zeros((1, len(MODALITIES)), dtype=np.float32)
+        clock = time.perf_counter()
         for i, m in enumerate(MODALITIES):
             if m in inputs:
                 emb[0, i] = self.embed(m, inputs[m])
                 mask[0, i] = 1.0
+                clock = _lap(stages_ms, m, clock)
         (logits,) = self.head.run(None, {"embeddings": emb, "mask": mask})
+        _lap(stages_ms, "head", clock)
         return logits[0]
 
     def predict(self, case: Case) -> Prediction:
         start = time.perf_counter()
         prepared = prepare_case(case, self.preprocessing)
+        stages: dict[str, float] = {}
+        _lap(stages, "preprocess", start)
         inputs = prepared.inputs
-        probs = softmax(self.logits(inputs))
+        probs = softmax(self.logits(inputs, stages))
         latency = (time.perf_counter() - start) * 1e3
         return Prediction(
             case_id=case.case_id,
@@ -118,7 +129,15 @@ class EdgeModel:
             modalities=tuple(m for m in MODALITIES if m in inputs),
             latency_ms=latency,
             warnings=tuple(prepared.warnings),
+            stages_ms=stages,
         )
+
+
+def _lap(stages: dict[str, float] | None, name: str, since: float) -> float:
+    now = time.perf_counter()
+    if stages is not None:
+        stages[name] = (now - since) * 1e3
+    return now
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -45,11 +45,13 @@ def percentiles(values: list[float]) -> dict[str, float]:
 
 @dataclass
 class ProfileResult:
-    latencies_ms: list[float]
+    latencies_ms: list[float]  # whole case: reading/resampling + encoders + head
     by_modalities: dict[str, list[float]]
     peak_rss_mb: float
     mem_budget_mb: float
     latency_budget_ms: float
+    model_ms: list[float] = field(default_factory=list)  # encoders + head only
+    stages_ms: dict[str, list[float]] = field(default_factory=dict)  # preprocess / per modality / head
 
     @property
     def latency(self) -> dict[str, float]:
@@ -66,6 +68,8 @@ class ProfileResult:
             "latency_ms_by_modalities": {
                 k: {"cases": len(v), **percentiles(v)} for k, v in sorted(self.by_modalities.items())
             },
+            "model_ms": percentiles(self.model_ms) if self.model_ms else None,
+            "stages_ms": {k: {"cases": len(v), **percentiles(v)} for k, v in self.stages_ms.items()},
             "peak_rss_mb": round(self.peak_rss_mb, 1),
             "budgets": {"mem_mb": self.mem_budget_mb, "latency_ms": self.latency_budget_ms},
             "pass": self.passed,
@@ -76,11 +80,16 @@ class ProfileResult:
 def profile(model: EdgeModel, cases: Iterable[Case], mem_budget_mb: float, latency_budget_ms: float) -> ProfileResult:
     """Run every case through ``model``; the pass criterion is p95 latency and peak RSS."""
     latencies: list[float] = []
+    model_ms: list[float] = []
     by_mod: dict[str, list[float]] = {}
+    stages: dict[str, list[float]] = {}
     for i, case in enumerate(cases):
         pred = model.predict(case)
         if i < WARMUP_CASES:
             continue
         latencies.append(pred.latency_ms)
+        model_ms.append(pred.model_ms)
         by_mod.setdefault("+".join(pred.modalities), []).append(pred.latency_ms)
-    return ProfileResult(latencies, by_mod, peak_rss_mb(), mem_budget_mb, latency_budget_ms)
+        for stage, ms in (pred.stages_ms or {}).items():
+            stages.setdefault(stage, []).append(ms)
+    return ProfileResult(latencies, by_mod, peak_rss_mb(), mem_budget_mb, latency_budget_ms, model_ms, stages)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import click
@@ -43,30 +44,47 @@ def main() -> None:
 @click.option("--device", default="cpu", show_default=True, help="torch device for training (cpu, cuda, cuda:1).")
 @click.option("--init-checkpoint", type=click.Path(path_type=Path), default=None,
               help="Local pretrained teacher weights (matching tensors are loaded; nothing is downloaded).")
+@click.option("--mem-budget", default="1.8GB", show_default=True, help="Whole-process peak RSS budget of the clinic.")
+@click.option("--latency-budget", default="200ms", show_default=True, help="p95 latency budget per full case.")
+@click.option("--tolerance", default=0.005, show_default=True, type=click.FloatRange(0.0, 1.0),
+              help="AUC drop allowed against the FP32 student.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @handle_errors
 def pipeline(out: Path, config_name: str, seed: int, signing_key: Path | None, model_version: str, threads: int,
-             device: str, init_checkpoint: Path | None, as_json: bool) -> None:
-    """Synthetic cohort -> teacher -> distilled student -> ONNX -> INT8 -> signed bundle."""
+             device: str, init_checkpoint: Path | None, mem_budget: str, latency_budget: str, tolerance: float,
+             as_json: bool) -> None:
+    """Synthetic cohort -> federated teacher -> distilled student -> ONNX -> INT8 candidates, measured
+    here with --threads -> signed bundle. Exit 1 when no candidate meets accuracy and both budgets
+    (the best one is still written, and the report says which limit failed)."""
     import torch  # late: `--help` stays fast
 
-    from .pipeline import run_pipeline
+    from edge_runtime.units import parse_duration_ms, parse_size_mb
 
+    from .pipeline import run_pipeline
+    from .report import table_lines
+
+    budgets = {"mem_mb": parse_size_mb(mem_budget), "latency_ms": parse_duration_ms(latency_budget)}
     torch.set_num_threads(threads)
     log = (lambda msg: click.echo(msg, err=True)) if as_json else click.echo
-    result = run_pipeline(out, get_config(config_name), seed, signing_key, model_version, log, check_device(device), init_checkpoint)
+    result = run_pipeline(out, get_config(config_name), seed, signing_key, model_version, log, check_device(device),
+                          init_checkpoint, budgets, tolerance, threads)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
-        return
-    click.echo("")
-    click.echo(f"{'model':<14}{'AUC':>8}{'size KB':>10}")
-    head = result.sizes_bytes["head"]
-    sizes = {"student_fp32": result.sizes_bytes["encoders_fp32"] + head, "student_int8": result.sizes_bytes["encoders_int8"] + head}
-    for name, auc in result.auc.items():
-        size = f"{sizes[name] / 1e3:.0f}" if name in sizes else "-"
-        click.echo(f"{name:<14}{auc:>8.4f}{size:>10}")
-    click.echo(f"parameters: teacher {result.parameters['teacher']:,}  student {result.parameters['student']:,}")
-    click.echo(f"bundle: {result.bundle_dir}   trusted key: {result.public_key}")
+    else:
+        click.echo("")
+        for line in table_lines(result.candidates, result.selection["chosen"]):
+            click.echo(line)
+        click.echo("")
+        click.echo(f"{'model (test cases)':<22}{'AUC':>8}")
+        for name, auc in result.auc.items():
+            click.echo(f"{name:<22}{auc:>8.4f}")
+        click.echo(f"parameters: teacher {result.parameters['teacher']:,}  student {result.parameters['student']:,}"
+                   f"   FLOPs per case: teacher {result.flops['teacher'] / 1e9:.2f} G  student {result.flops['student'] / 1e9:.2f} G")
+        click.echo(f"bundle: {result.bundle_dir}   trusted key: {result.public_key}   report: {out / 'report.json'}")
+    if not result.ok:
+        click.echo(f"error: {out}: {result.selection['message']}", err=True)
+        sys.exit(1)
+    click.echo(result.selection["message"], err=as_json)
 
 
 @main.command("train-teacher")

@@ -296,3 +296,19 @@ class Student(nn.Module):
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def count_flops(model: nn.Module, cfg) -> int:
+    """FLOPs of one full three-modality case (batch 1), counted by torch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    spec = cfg.input
+    inputs = {"ct": torch.zeros(1, 1, *spec.ct_grid), "pathology": torch.zeros(1, 3, spec.tile, spec.tile),
+              "genomics": torch.zeros(1, spec.n_genes)}
+    was_training = model.training
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(inputs, torch.ones(1, len(MODALITIES)))
+    model.train(was_training)
+    return int(counter.get_total_flops())

@@ -10,7 +10,7 @@ import io
 import json
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,7 +21,9 @@ import torch
 from edge_runtime import MODALITIES
 from edge_runtime.bundle import default_public_key_path, write_bundle
 from edge_runtime.errors import BadInput
-from edge_runtime.fsutil import write_atomic
+from edge_runtime.cpuinfo import this_cpu
+from edge_runtime.fsutil import sha256_file, write_atomic
+from edge_runtime.measure import Request
 from edge_runtime.keys import (
     generate_key,
     load_private_key,
@@ -30,20 +32,21 @@ from edge_runtime.keys import (
 )
 from edge_runtime.metrics import roc_auc
 from edge_runtime.model import EdgeModel
-from edge_runtime.preprocess import Preprocessing, prepare_case
+from edge_runtime.preprocess import Preprocessing
 from edge_runtime.synthetic import SynthConfig, SyntheticCohort
-from quantize.calibration import StreamingReader
-from quantize.static import quantize_int8
 
+from .candidates import Builder, SearchResult, Variant, search
 from .config import TEST_START, VAL_START, PipelineConfig
 from .data import PreparedCases, collate
 from .federated import Federation, FederationSpec, Site
-from .models import Student, Teacher, count_parameters
+from .models import Student, Teacher, count_flops, count_parameters
+from .report import REPORTED, plot_candidates
 from .onnx_export import export_student
 from .stats import fit_preprocessing
 from .train import distill, load_pretrained, positive_probability, train_teacher
 
 DEFAULT_BUDGETS = {"mem_mb": 1800.0, "latency_ms": 200.0}
+DEFAULT_TOLERANCE = 0.005  # AUC drop allowed against the FP32 student
 BUNDLE_DIR = "bundle"
 SIGNING_KEY = "signing_key.pem"
 
@@ -56,6 +59,13 @@ class PipelineResult:
     sizes_bytes: dict[str, int]
     parameters: dict[str, int]
     seconds: dict[str, float] = field(default_factory=dict)
+    flops: dict[str, int] = field(default_factory=dict)  # one full three-modality case, batch 1
+    candidates: list[dict] = field(default_factory=list)
+    selection: dict = field(default_factory=dict)  # chosen, ok, reasons, cpu, budgets, tolerance
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.selection.get("ok", True))
 
     def to_dict(self) -> dict:
         return {
@@ -64,7 +74,10 @@ class PipelineResult:
             "auc": self.auc,
             "sizes_bytes": self.sizes_bytes,
             "parameters": self.parameters,
+            "flops": self.flops,
             "seconds": self.seconds,
+            "selection": self.selection,
+            "candidates": self.candidates,
         }
 
 
@@ -86,13 +99,6 @@ class Splits:
             test=range(TEST_START, TEST_START + t.test_cases),
             calib=range(0, t.calib_cases),
         )
-
-
-def _calibration_inputs(cohort: SyntheticCohort, pre: Preprocessing, indices: range, modality: str) -> Iterator[dict[str, np.ndarray]]:
-    for case in cohort.iter_cases(indices.start, len(indices)):
-        prepared = prepare_case(case, pre).inputs
-        if modality in prepared:
-            yield {"x": prepared[modality]}
 
 
 def evaluate(
@@ -129,19 +135,9 @@ class StepTimer:
         self._clock = now
 
 
-def quantize_encoders(
-    fp32: dict[str, Path], cohort: SyntheticCohort, pre: Preprocessing, calib: range, out_dir: Path
-) -> dict[str, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    int8 = {}
-    for m in MODALITIES:
-        reader = StreamingReader(lambda m=m: _calibration_inputs(cohort, pre, calib, m))
-        int8[m] = quantize_int8(fp32[m], out_dir / f"{m}.onnx", reader)
-    return int8
-
-
 def manifest_body(
-    cfg: PipelineConfig, seed: int, model_version: str, pre: Preprocessing, auc: dict[str, float], n_test: int, params: dict
+    cfg: PipelineConfig, seed: int, model_version: str, pre: Preprocessing, auc: dict[str, float], n_test: int, params: dict,
+    variants: list[dict], selection: dict, budgets: dict[str, float],
 ) -> dict:
     """Everything the bundle says about the model, except the file list and signature."""
     return {
@@ -154,15 +150,32 @@ def manifest_body(
         "preprocessing": pre.to_dict(),
         "synthetic": {"seed": seed, "n_sites": cfg.n_sites},
         "head": {"file": "head.onnx", "format": "onnx-fp32"},
-        "variants": [
-            {"name": "int8", "encoders": {m: f"encoders/int8/{m}.onnx" for m in MODALITIES}, "auc": auc["student_int8"],
-             "quantization": "QDQ per-channel U8/S8 MinMax reduce_range"},
-            {"name": "fp32", "encoders": {m: f"encoders/fp32/{m}.onnx" for m in MODALITIES}, "auc": auc["student_fp32"]},
-        ],
-        "default_variant": "int8",
+        "variants": variants,
+        "default_variant": selection["chosen"],
+        "selection": selection,
         "metrics": {"test_cases": n_test, "auc": auc, "parameters": params},
-        "budgets": DEFAULT_BUDGETS,
+        "budgets": budgets,
     }
+
+
+def bundle_variants(search: SearchResult, auc: dict[str, float]) -> tuple[list[dict], dict[str, Path]]:
+    """Manifest entries for every candidate and the files they need, stored once by content
+    (candidates share most encoders)."""
+    files: dict[str, Path] = {}
+    entries = []
+    for v in search.variants:
+        paths = {}
+        for m, path in v.encoders.items():
+            name = f"encoders/{m}/{sha256_file(path)[:16]}.onnx"
+            files[name] = path
+            paths[m] = name
+        summary = v.summary()
+        entries.append({"name": v.name, "encoders": paths, "recipe": summary["encoders"], "fp32_nodes": summary["fp32_nodes"],
+                        "val_auc": summary["val_auc"], "auc": auc.get(f"student_{v.name}"), "parity_bound": v.parity_bound,
+                        "fallback": summary["fallback"],
+                        "measured": v.measured, "passes": not search.selection.reasons[v.name],
+                        "fails": search.selection.reasons[v.name]})
+    return entries, files
 
 
 def train_federated_or_central(
@@ -189,7 +202,12 @@ def train_federated_or_central(
 def run_pipeline(
     out: Path, cfg: PipelineConfig, seed: int = 0, signing_key: Path | None = None,
     model_version: str = "1", log: Callable[[str], None] = print, device: str = "cpu", init_checkpoint: Path | None = None,
+    budgets: dict[str, float] | None = None, tolerance: float = DEFAULT_TOLERANCE, threads: int = 2,
+    measure_cases: int = 40,
 ) -> PipelineResult:
+    """Train, distill, export, build and measure the variants, sign the bundle. ``result.ok`` is
+    False when no variant met accuracy and both budgets (the best one is still written)."""
+    budgets = {**DEFAULT_BUDGETS, **(budgets or {})}
     if seed < 0:
         raise BadInput(f"seed must be >= 0, got {seed}")
     out = Path(out)
@@ -215,31 +233,42 @@ def run_pipeline(
         train_federated_or_central(teacher, data, val, cfg, seed, work / "federation", log, device)
         timer.lap("teacher")
         student = distill(Student(cfg.model, n_genes, n_classes), teacher, data, val, cfg.train, seed, log, device)
-        del data, val
+        del data
+        flops = {"teacher": count_flops(teacher, cfg), "student": count_flops(student, cfg)}
         timer.lap("distill")
 
         fp32 = export_student(student, pre, work / "fp32", seed)
         log("exported ONNX encoders and head; parity with torch within 1e-4")
         timer.lap("export")
-        int8 = quantize_encoders(fp32, cohort, pre, splits.calib, work / "int8")
-        log(f"quantized encoders to INT8 (calibration: {len(splits.calib)} streamed cases)")
-        timer.lap("quantize")
+        builder = Builder({m: fp32[m] for m in MODALITIES}, fp32["head"], cohort, pre, splits.calib, val, work / "candidates")
 
-        models = {
-            "student_fp32": EdgeModel(fp32, fp32["head"], pre, list(cfg.classes), cfg.model.dim),
-            "student_int8": EdgeModel(int8, fp32["head"], pre, list(cfg.classes), cfg.model.dim),
-        }
+        def request(v: Variant) -> Request:
+            return Request({m: str(p) for m, p in v.encoders.items()}, str(fp32["head"]), pre.to_dict(), list(cfg.classes),
+                           cfg.model.dim, seed, cfg.n_sites, cases=measure_cases, threads=threads)
+
+        found = search(builder, request, tolerance, budgets, log)
+        del builder, val
+        timer.lap("quantize_and_choose")
+
+        by_name = {v.name: v for v in found.variants}
+        chosen = found.selection.chosen
+        evaluated = dict.fromkeys(("fp32", "int8", chosen))
+        models = {f"student_{n}": EdgeModel(by_name[n].encoders, fp32["head"], pre, list(cfg.classes), cfg.model.dim)
+                  for n in evaluated}
         auc = evaluate(cohort, pre, splits.test, teacher, models, cfg.train.batch_size)
         del models
         timer.lap("evaluate")
 
-        files = {"head.onnx": fp32["head"]}
-        for variant, paths in (("int8", int8), ("fp32", fp32)):
-            files.update({f"encoders/{variant}/{m}.onnx": paths[m] for m in MODALITIES})
+        cpu = this_cpu()
+        selection = {"chosen": chosen, "ok": found.selection.ok, "message": found.selection.message(),
+                     "reference": "fp32", "reference_val_auc": round(found.reference_auc, 4), "tolerance": tolerance,
+                     "measured_on": cpu.to_dict(), "cpu_class": cpu.cls, "threads": threads, "budgets": budgets}
+        variants, encoder_files = bundle_variants(found, auc)
+        files = {"head.onnx": fp32["head"], **encoder_files}
         sizes = {"head": fp32["head"].stat().st_size}
-        sizes.update({f"encoders_{v}": sum(p[m].stat().st_size for m in MODALITIES) for v, p in (("fp32", fp32), ("int8", int8))})
+        sizes.update({f"encoders_{v.name}": sum(p.stat().st_size for p in v.encoders.values()) for v in found.variants})
         params = {"teacher": count_parameters(teacher), "student": count_parameters(student)}
-        body = manifest_body(cfg, seed, model_version, pre, auc, len(splits.test), params)
+        body = manifest_body(cfg, seed, model_version, pre, auc, len(splits.test), params, variants, selection, budgets)
         bundle_dir = write_bundle(out / BUNDLE_DIR, files, body, key)
     public_key = default_public_key_path(bundle_dir)
     save_public_key(key.public_key(), public_key)
@@ -249,6 +278,8 @@ def run_pipeline(
     torch.save({"teacher": teacher.state_dict(), "student": student.state_dict(), "config": cfg.name}, checkpoint)
     write_atomic(out / "checkpoints.pt", checkpoint.getvalue())
     timer.lap("bundle")
-    result = PipelineResult(bundle_dir, public_key, auc, sizes, params, timer.seconds)
+    result = PipelineResult(bundle_dir, public_key, auc, sizes, params, timer.seconds, flops,
+                            [{k: v[k] for k in REPORTED} for v in variants], selection)
     write_atomic(out / "report.json", json.dumps(result.to_dict(), indent=2).encode())
+    plot_candidates(result, out / "report.png")
     return result

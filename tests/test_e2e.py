@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -13,15 +14,34 @@ from edge_runtime.bundle import MANIFEST
 from .conftest import edge_export, edge_run
 
 
+VARIANTS = {"fp32", "int8", "int8_ct_stem_fp32", "int8_ct_3d_fp32", "int8_ct_stem_fp32_entropy", "int8_ct_stem_fp32_percentile"}
+
+
 def test_pipeline_outputs(micro_out):
     report = json.loads((micro_out / "report.json").read_text())
-    assert set(report["auc"]) == {"teacher", "student_fp32", "student_int8"}
+    chosen = report["selection"]["chosen"]
+    assert set(report["auc"]) == {"teacher", "student_fp32", "student_int8", f"student_{chosen}"}
     assert all(0.0 <= v <= 1.0 for v in report["auc"].values())
     assert report["sizes_bytes"]["encoders_int8"] < report["sizes_bytes"]["encoders_fp32"]
+    assert report["flops"]["teacher"] > report["flops"]["student"] > 0
+    assert (micro_out / "report.png").stat().st_size > 1000
     manifest = json.loads((micro_out / "bundle" / MANIFEST).read_text())
     assert manifest["metrics"]["auc"] == report["auc"]
     assert manifest["budgets"] == {"mem_mb": 1800.0, "latency_ms": 200.0}
-    assert {v["name"] for v in manifest["variants"]} == {"int8", "fp32"}
+    assert {v["name"] for v in manifest["variants"]} == VARIANTS
+    assert manifest["default_variant"] == chosen and report["selection"]["ok"]
+    assert manifest["selection"]["measured_on"]["features"] == report["selection"]["measured_on"]["features"]
+    for v in manifest["variants"]:
+        m = v["measured"]
+        assert m["latency_ms"]["p50"] <= m["latency_ms"]["p95"] and m["peak_rss_mb"] > 10
+        assert set(m["stages_ms"]) == {"preprocess", "ct", "pathology", "genomics", "head"}
+        assert v["passes"] == (not v["fails"])
+    fp32_only = {v["name"]: v for v in manifest["variants"]}["int8_ct_3d_fp32"]["fp32_nodes"]["ct"]
+    assert len(fp32_only) >= 2, "every 3D convolution of the CT encoder stays FP32"
+    # Encoders shared by several variants are stored once.
+    stored = [f for f in manifest["files"] if f.startswith("encoders/")]
+    used = {p for v in manifest["variants"] for p in v["encoders"].values()}
+    assert set(stored) == used and len(stored) < 3 * len(VARIANTS)
     assert manifest["preprocessing"]["ct"]["grid"] == [8, 32, 32]
     assert stat.S_IMODE((micro_out / "signing_key.pem").stat().st_mode) == 0o600
     assert (micro_out / "bundle.pub").is_file()
@@ -42,14 +62,39 @@ def test_infer_without_torch(micro_out):
     assert json.loads(again.stdout)["probability"] == rows[0]["probability"], "deterministic"
 
 
-def test_fp32_variant_agrees_with_int8(micro_out):
-    args = ["infer", "--bundle", str(micro_out / "bundle"), "--synthetic", "--json"]
-    for i in range(5):
-        args += ["--case-id", str(100 + i)]
-    int8 = [json.loads(line)["probability"] for line in edge_run(*args).stdout.splitlines()]
+def test_every_variant_within_its_stated_parity_bound(micro_out, tmp_path):
+    manifest = json.loads((micro_out / "bundle" / MANIFEST).read_text())
+    args = ["infer", "--bundle", str(micro_out / "bundle"), "--synthetic", "--json", "--state", str(tmp_path)]
+    for i in range(12):
+        args += ["--case-id", str(3_000_000 + i)]  # fresh cases, never seen in export
     fp32 = [json.loads(line)["probability"] for line in edge_run(*args, "--variant", "fp32").stdout.splitlines()]
-    assert len(int8) == len(fp32) == 5
-    assert max(abs(a - b) for a, b in zip(int8, fp32)) < 0.15
+    assert len(fp32) == 12
+    for v in manifest["variants"]:
+        probs = [json.loads(line)["probability"] for line in edge_run(*args, "--variant", v["name"]).stdout.splitlines()]
+        gap = max(abs(a - b) for a, b in zip(probs, fp32))
+        assert gap <= v["parity_bound"], (v["name"], gap, v["parity_bound"])
+
+
+def test_profile_select_pins_a_variant_for_this_pc(micro_out, tmp_path):
+    proc = edge_run("profile", "--bundle", str(micro_out / "bundle"), "--select", "--cases", "4", "--json",
+                    "--state", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert set(result["figures"]) == VARIANTS and result["ok"]
+    pin = json.loads((tmp_path / "variant.json").read_text())
+    assert pin["variant"] == result["chosen"] and pin["cpu"]["features"] is not None
+    # Pinning the slowest variant by hand shows that profile and infer follow the pin.
+    slowest = max(result["figures"], key=lambda n: result["figures"][n]["model_ms"]["p95"])
+    pin["variant"] = slowest
+    (tmp_path / "variant.json").write_text(json.dumps(pin))
+    prof = edge_run("profile", "--bundle", str(micro_out / "bundle"), "--cases", "3", "--json", "--state", str(tmp_path))
+    assert json.loads(prof.stdout)["variant"] == slowest
+    assert "pinned" in json.loads(prof.stdout)["variant_reason"]
+    # A pin made for another bundle is ignored.
+    pin["bundle"] = "0" * 64
+    (tmp_path / "variant.json").write_text(json.dumps(pin))
+    prof = edge_run("profile", "--bundle", str(micro_out / "bundle"), "--cases", "3", "--json", "--state", str(tmp_path))
+    assert "pinned" not in json.loads(prof.stdout)["variant_reason"]
 
 
 def test_profile_without_torch(micro_out):
@@ -86,11 +131,13 @@ def test_bad_budget_is_one_line_exit_2(micro_out):
 
 
 def test_tampered_encoder_refused(micro_bundle_copy):
-    path = micro_bundle_copy / "encoders" / "int8" / "ct.onnx"
+    manifest = json.loads((micro_bundle_copy / MANIFEST).read_text())
+    name = {v["name"]: v for v in manifest["variants"]}["int8"]["encoders"]["ct"]
+    path = micro_bundle_copy / name
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
-    _one_line_error(edge_run("infer", "--bundle", str(micro_bundle_copy), "--synthetic", "--case-id", "1"), "ct.onnx", "SHA-256")
+    _one_line_error(edge_run("infer", "--bundle", str(micro_bundle_copy), "--synthetic", "--case-id", "1"), Path(name).name, "SHA-256")
 
 
 def test_tampered_manifest_refused(micro_bundle_copy):
@@ -200,3 +247,16 @@ def test_single_unusable_case_exits_2(micro_out, micro_cases):
     assert proc.returncode == 2
     assert "REJECTED" in proc.stdout and "does not exist" in proc.stdout
     assert proc.stderr.strip().startswith("error: no case could be predicted")
+
+
+def test_pipeline_failed_search_writes_the_best_and_exits_1(tmp_path):
+    out = tmp_path / "out"
+    proc = edge_export("pipeline", "--out", str(out), "--config", "micro", "--seed", "3", "--latency-budget", "0.01ms")
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"error: {out}: no candidate meets every limit") and "p95 latency" in error and "budget 0.01 ms" in error
+    report = json.loads((out / "report.json").read_text())
+    assert report["selection"]["ok"] is False
+    assert all(any("p95 latency" in f for f in c["fails"]) for c in report["candidates"])
+    manifest = json.loads((out / "bundle" / MANIFEST).read_text())
+    assert manifest["default_variant"] == report["selection"]["chosen"], "the best candidate is still written"
