@@ -11,7 +11,7 @@ python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q '.[export]'
 
-echo "== edge-export pipeline: synthetic cohort -> teacher -> student -> ONNX -> INT8 -> signed bundle"
+echo "== edge-export pipeline: synthetic cohort -> federated teacher (DW-FL) -> student -> ONNX -> INT8 candidates measured here -> signed bundle"
 .venv/bin/edge-export pipeline --out "$OUT" --config tiny --seed "$SEED"
 
 echo "== edge-export synth: held-out cases written as a clinic has them (DICOM series, PNG tiles, CSV), some modalities missing"
@@ -30,6 +30,10 @@ echo "== edge-run infer on the case files (hashes and signature verified first)"
 echo "(JSON lines in $OUT/predictions.jsonl; the true labels are in $OUT/cases/manifest.csv)"
 
 echo "== edge-run profile against the budgets (1.8 GB, 200 ms)"
+echo "== edge-run profile --select: every variant measured on this PC in a fresh process, the best pinned in $OUT/state"
+.venv-clinic/bin/edge-run profile --bundle "$OUT/bundle" --select --cases 30 --state "$OUT/state"
+
+echo "== edge-run profile against the budgets (1.8 GB, 200 ms), with the pinned variant"
 .venv-clinic/bin/edge-run profile --bundle "$OUT/bundle" --cases 50 --mem-budget 1.8GB --latency-budget 200ms --json \
-  | tee "$OUT/profile.json"
-.venv-clinic/bin/edge-run profile --bundle "$OUT/bundle" --cases 50
+  --state "$OUT/state" | tee "$OUT/profile.json"
+.venv-clinic/bin/edge-run profile --bundle "$OUT/bundle" --cases 50 --state "$OUT/state"
