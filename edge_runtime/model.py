@@ -63,6 +63,11 @@ class EdgeModel:
         self.preprocessing = preprocessing
         self.classes = classes
         self.dim = dim
+        self.head_params = None  # a fine-tuned head (numpy) replaces head.onnx when set
+
+    def use_head_params(self, params: dict | None) -> None:
+        """Evaluate the head in numpy with these weights (a clinic's fine-tuned head); None: head.onnx."""
+        self.head_params = params
 
     @classmethod
     def from_bundle(cls, bundle: Bundle, variant: str | None = None, threads: int = 2) -> "EdgeModel":
@@ -102,6 +107,10 @@ class EdgeModel:
             if m in inputs:
                 emb[0, i] = self.embed(m, inputs[m])
                 mask[0, i] = 1.0
+        if self.head_params is not None:
+            from .finetune.head import forward
+
+            return forward(self.head_params, emb, mask)[0]
         (logits,) = self.head.run(None, {"embeddings": emb, "mask": mask})
         return logits[0]
 

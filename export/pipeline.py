@@ -39,6 +39,7 @@ from .config import TEST_START, VAL_START, PipelineConfig
 from .data import PreparedCases, collate
 from .federated import Federation, FederationSpec, Site
 from .models import Student, Teacher, count_parameters
+from .head_weights import save_head_weights
 from .onnx_export import export_student
 from .stats import fit_preprocessing
 from .train import distill, load_pretrained, positive_probability, train_teacher
@@ -153,7 +154,7 @@ def manifest_body(
         "embedding_dim": cfg.model.dim,
         "preprocessing": pre.to_dict(),
         "synthetic": {"seed": seed, "n_sites": cfg.n_sites},
-        "head": {"file": "head.onnx", "format": "onnx-fp32"},
+        "head": {"file": "head.onnx", "weights": "head.npz", "format": "onnx-fp32"},
         "variants": [
             {"name": "int8", "encoders": {m: f"encoders/int8/{m}.onnx" for m in MODALITIES}, "auc": auc["student_int8"],
              "quantization": "QDQ per-channel U8/S8 MinMax reduce_range"},
@@ -219,6 +220,7 @@ def run_pipeline(
         timer.lap("distill")
 
         fp32 = export_student(student, pre, work / "fp32", seed)
+        head_npz = save_head_weights(student.head, work / "head.npz")  # the clinic fine-tunes these in numpy
         log("exported ONNX encoders and head; parity with torch within 1e-4")
         timer.lap("export")
         int8 = quantize_encoders(fp32, cohort, pre, splits.calib, work / "int8")
@@ -233,7 +235,7 @@ def run_pipeline(
         del models
         timer.lap("evaluate")
 
-        files = {"head.onnx": fp32["head"]}
+        files = {"head.onnx": fp32["head"], "head.npz": head_npz}
         for variant, paths in (("int8", int8), ("fp32", fp32)):
             files.update({f"encoders/{variant}/{m}.onnx": paths[m] for m in MODALITIES})
         sizes = {"head": fp32["head"].stat().st_size}
