@@ -134,7 +134,8 @@ def test_planned_round_fits_and_uses_the_budget():
     ev = plan.events
     assert ev.steps == 63 and ev.sampling_rate == pytest.approx(0.16)
     assert 0.49 <= plan.epsilon_after <= 0.5
-    assert plan.epsilon_after == pytest.approx(direct_epsilon([(ev.sampling_rate, ev.noise_multiplier, ev.steps, 20.0)], 1e-5))
+    assert ev.meta_noise_multiplier >= 20.0
+    assert plan.epsilon_after == pytest.approx(direct_epsilon([(ev.sampling_rate, ev.noise_multiplier, ev.steps, ev.meta_noise_multiplier)], 1e-5))
     with pytest.raises(BudgetExhausted, match="budget"):  # a full round leaves nothing
         plan_round([ev], 1600, 256, 10, 20.0, 0.5, 1e-5)
     with pytest.raises(BudgetExhausted, match="budget"):

@@ -234,7 +234,7 @@ def finetune(bundle: Bundle, manifest: Manifest, state: State, opts: FinetuneOpt
     t1 = time.perf_counter()
     new_params = dpsgd.train(start_params, len(tr_rows), read, spec, rng)
     t_train = time.perf_counter() - t1
-    meta_release = noisy_metadata(rng, len(tr_rows), modality_counts, len(va_rows), start_eval["losses"], opts.meta_noise, opts.loss_clip)
+    meta_release = noisy_metadata(rng, len(tr_rows), modality_counts, len(va_rows), start_eval["losses"], plan.events.meta_noise_multiplier, opts.loss_clip)
 
     # 5. update out (atomic), then the local switch
     new_eval = evaluate(new_params, cache, va_rows, va_labels)
@@ -245,7 +245,7 @@ def finetune(bundle: Bundle, manifest: Manifest, state: State, opts: FinetuneOpt
         "update_id": update_id, "clinic": clinic, "dataset": opts.dataset, "round_id": round_id,
         "model_version": bundle.model_version, "base_head": bundle_head_key(bundle), **meta_release,
         "noise_multiplier": plan.events.noise_multiplier, "sampling_rate": plan.events.sampling_rate,
-        "steps": plan.events.steps, "clip": opts.clip, "meta_noise_multiplier": opts.meta_noise,
+        "steps": plan.events.steps, "clip": opts.clip, "meta_noise_multiplier": plan.events.meta_noise_multiplier,
         "epsilon_round": round(epsilon([plan.events], opts.delta), 6), "epsilon_spent": round(charge.epsilon_after, 6),
         "delta": opts.delta, "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -264,7 +264,7 @@ def finetune(bundle: Bundle, manifest: Manifest, state: State, opts: FinetuneOpt
         "activated": accepted,
         "active_before": active_entry["round_id"] if active_entry else None,
         "privacy": {"noise_multiplier": round(plan.events.noise_multiplier, 4), "sampling_rate": round(plan.events.sampling_rate, 5),
-                    "steps": plan.events.steps, "clip": opts.clip, "meta_noise_multiplier": opts.meta_noise,
+                    "steps": plan.events.steps, "clip": opts.clip, "meta_noise_multiplier": plan.events.meta_noise_multiplier,
                     "epsilon_round": meta["epsilon_round"], **ledger.summary()},
         "released": meta_release,
         "seconds": {"embed": round(t_embed, 2), "train": round(t_train, 2), "total": round(time.perf_counter() - t0, 2)},

@@ -19,6 +19,7 @@ from dp_accounting import rdp
 absl_logging.set_verbosity(absl_logging.ERROR)
 
 SIGMA_MIN, SIGMA_MAX = 0.5, 50.0  # beyond SIGMA_MAX a round learns nothing worth its budget
+META_SHARE = 0.25  # the metadata release alone may cost at most this share of a round's budget
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,24 @@ class BudgetExhausted(Exception):
     """No round fits what is left of the budget."""
 
 
+def meta_noise_for(z_min: float, eps_max: float, delta: float) -> float:
+    """The metadata's noise multiplier: at least ``z_min``, more when that alone would cost over ``eps_max``."""
+    if z_min <= 0:
+        return 0.0
+    cost = lambda z: epsilon([RoundEvents(1.0, 1.0, 0, z)], delta)  # noqa: E731  (no SGD step: the Gaussian alone)
+    if cost(z_min) <= eps_max:
+        return z_min
+    lo, hi = z_min, z_min
+    while cost(hi) > eps_max and hi < 1e6:
+        lo, hi = hi, hi * 2
+    for _ in range(30):
+        if hi / lo < 1.01:
+            break
+        mid = math.sqrt(lo * hi)
+        lo, hi = (lo, mid) if cost(mid) <= eps_max else (mid, hi)
+    return hi
+
+
 def plan_round(
     past: list[RoundEvents], n_train: int, batch_size: int, epochs: float, meta_noise_multiplier: float,
     epsilon_total: float, delta: float, round_epsilon: float | None = None,
@@ -82,6 +101,7 @@ def plan_round(
         raise BudgetExhausted(f"privacy budget spent: epsilon {before:.4f} of {epsilon_total:g} used (delta {delta:g})")
     q = min(1.0, batch_size / max(n_train, 1))
     steps = max(1, math.ceil(epochs / q))
+    meta_noise_multiplier = meta_noise_for(meta_noise_multiplier, META_SHARE * (target - before), delta)
 
     def eps_with(sigma: float, steps: int) -> float:
         return epsilon([*past, RoundEvents(q, sigma, steps, meta_noise_multiplier)], delta)
