@@ -139,7 +139,8 @@ def fill_cache(model: EdgeModel, bundle: Bundle, manifest: Manifest, cache: Embe
                 cache.flush()
                 log(f"embedded {added} cases")
         rows[e.case_id] = row
-    cache.flush()
+    if added:
+        cache.flush()
     return rows, rejected
 
 
