@@ -12,6 +12,7 @@ from . import MODALITIES
 from .bundle import Bundle, default_public_key_path, load_bundle
 from .cliutil import handle_errors
 from .errors import BadInput, BundleError
+from .finetune.state import DEFAULT_STATE, State, bundle_head_key
 from .keys import load_public_key
 from .manifest import load_case, read_manifest
 from .model import EdgeModel
@@ -37,6 +38,23 @@ def bundle_options(fn):
     )(fn)
     fn = click.option("--bundle", required=True, type=click.Path(path_type=Path), help="Bundle directory.")(fn)
     return fn
+
+
+def state_option(fn):
+    return click.option(
+        "--state", "state_dir", type=click.Path(path_type=Path), default=DEFAULT_STATE, show_default=True, envvar="EDGE_RUN_STATE",
+        help="Clinic state folder: privacy ledger, embedding cache, fine-tuned heads, outbox, variant pin.",
+    )(fn)
+
+
+def load_model(loaded: Bundle, variant: str | None, threads: int, state_dir: Path | None) -> EdgeModel:
+    """The bundle's encoders with the fine-tuned head active in ``state_dir`` for this bundle, if any."""
+    model = EdgeModel.from_bundle(loaded, variant, threads)
+    state_dir = state_dir or default_state_dir()
+    if (Path(state_dir) / "heads").is_dir() and "weights" in loaded.manifest.get("head", {}):
+        params, _ = State(state_dir).active_head(loaded, model.dim, len(loaded.classes))
+        model.use_head_params(params)
+    return model
 
 
 def open_bundle(bundle: Path, trusted_key: Path | None) -> Bundle:
@@ -82,7 +100,7 @@ def infer(bundle: Path, trusted_key: Path | None, state_dir: Path | None, varian
     indices = [parse_case_id(c) for c in case_ids]
     cases = read_manifest(manifest) if manifest is not None else None  # refuse a bad manifest before loading models
     loaded = open_bundle(bundle, trusted_key)
-    model = EdgeModel.from_bundle(loaded, resolve_variant(loaded, variant, state_dir)[0], threads)
+    model = load_model(loaded, resolve_variant(loaded, variant, state_dir)[0], threads, state_dir)
     if cases is None:
         cohort = synthetic_cohort(loaded)
         outcomes = ((str(i), lambda i=i: cohort.case(i)) for i in indices)
@@ -146,7 +164,7 @@ def profile_cmd(bundle: Path, trusted_key: Path | None, state_dir: Path | None, 
         _select(loaded, state_dir, threads, cases, mem_mb, lat_ms, as_json)
         return
     name, why = resolve_variant(loaded, variant, state_dir)
-    model = EdgeModel.from_bundle(loaded, name, threads)
+    model = load_model(loaded, name, threads, state_dir)
     cohort = synthetic_cohort(loaded)
     result = profile(model, cohort.iter_cases(PROFILE_FIRST_CASE, cases + WARMUP_CASES), mem_mb, lat_ms)
     report = {"bundle": str(bundle), "model_version": loaded.model_version, "variant": name, "variant_reason": why,
@@ -197,6 +215,114 @@ def _select(loaded: Bundle, state_dir: Path | None, threads: int, cases: int, me
         click.echo(selection.message())
         click.echo(f"pinned {selection.chosen} in {pin}")
     sys.exit(0 if selection.ok else 1)
+
+
+@main.command()
+@bundle_options
+@click.option("--manifest", required=True, type=click.Path(path_type=Path), help="Labelled case manifest (CSV or JSONL).")
+@click.option("--epsilon", default=0.5, show_default=True, type=float, help="Privacy budget of this dataset over the clinic's whole participation.")
+@click.option("--delta", default=1e-5, show_default=True, type=float, help="Privacy delta.")
+@click.option("--dataset", default="default", show_default=True, help="Dataset name: one privacy ledger per clinic and dataset.")
+@click.option("--round-epsilon", default=None, type=float, help="Spend at most this much in this round [default: all that is left].")
+@click.option("--epochs", default=10.0, show_default=True, type=float, help="Planned passes over the training cases.")
+@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1, 1_000_000), help="Expected (Poisson) batch size.")
+@click.option("--clip", default=1.0, show_default=True, type=float, help="Per-example gradient norm bound C.")
+@click.option("--lr", default=0.01, show_default=True, type=float, help="Adam learning rate.")
+@click.option("--tolerance", default=0.02, show_default=True, type=float, help="Largest validation AUC drop for the new head to go live.")
+@click.option("--cache-mb", default=512.0, show_default=True, type=float, help="Embedding cache size bound.")
+@click.option("--seed", default=None, type=int, hidden=True, help="Tests only: fixed noise (never in production).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@handle_errors
+def finetune(bundle: Path, trusted_key: Path | None, variant: str | None, threads: int, state_dir: Path | None, manifest: Path,
+             epsilon: float, delta: float, dataset: str, round_epsilon: float | None, epochs: float, batch_size: int, clip: float,
+             lr: float, tolerance: float, cache_mb: float, seed: int | None, as_json: bool) -> None:
+    """Fine-tune the head on local labelled cases with DP-SGD, numpy only.
+
+    Frozen encoders embed each case once into a cache in the state folder. The privacy ledger plans
+    sigma and steps to fit what is left of the budget and records the charge (fsynced) before any
+    update is written; past the budget it refuses (exit 1). The update (delta + metadata) goes to
+    STATE/outbox; the new head goes live only if the local validation AUC holds (see rollback).
+    """
+    from .finetune.run import FinetuneOptions
+    from .finetune.run import finetune as run_finetune
+    from .finetune.state import check_name
+
+    opts = FinetuneOptions(epsilon=epsilon, delta=delta, dataset=check_name(dataset, "dataset"), round_epsilon=round_epsilon,
+                           epochs=epochs, batch_size=batch_size, clip=clip, lr=lr, tolerance=tolerance, seed=seed,
+                           cache_mb=cache_mb, variant=variant, threads=threads)
+    opts.check()
+    cases = read_manifest(manifest)
+    loaded = open_bundle(bundle, trusted_key)
+    report = run_finetune(loaded, cases, State(state_dir or default_state_dir()), opts)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    v, p = report["validation"], report["privacy"]
+    c = report["cases"]
+    click.echo(f"cases: {c['train']} training, {c['validation']} validation, {c['rejected']} rejected")
+    click.echo(f"validation AUC: start {v['auc_start']:.3f}  active {v['auc_active_before']:.3f}  new {v['auc_new']:.3f}  "
+               f"-> {'ACTIVATED' if report['activated'] else 'kept the active head (AUC fell more than the tolerance)'}")
+    click.echo(f"DP-SGD: sigma {p['noise_multiplier']:.3f}  q {p['sampling_rate']:.4f}  steps {p['steps']}  C {p['clip']:g}")
+    click.echo(f"privacy: epsilon this round {p['epsilon_round']:.4f}, spent {p['epsilon_spent']:.4f} of {p['epsilon_total']:g} "
+               f"(left {p['epsilon_left']:.4f}, delta {p['delta']:g})")
+    click.echo(f"update: {report['update']}")
+
+
+@main.command()
+@click.option("--bundle", required=True, type=click.Path(path_type=Path), help="Bundle directory.")
+@click.option("--trusted-key", type=click.Path(path_type=Path), default=None, envvar="EDGE_RUN_TRUSTED_KEY",
+              help="Pinned Ed25519 public key of the bundle signer [default: BUNDLE.pub next to the bundle].")
+@state_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@handle_errors
+def rollback(bundle: Path, trusted_key: Path | None, state_dir: Path, as_json: bool) -> None:
+    """Put the previous head back in force for this bundle (the bundle's own after the first fine-tune).
+    Exit 1 when no fine-tuned head is active."""
+    loaded = open_bundle(bundle, trusted_key)
+    now = State(state_dir).rollback(loaded)
+    report = {"active": now["round_id"] if now else None, "head": now["file"] if now else "bundle"}
+    click.echo(json.dumps(report) if as_json else f"active head: {report['active'] or 'the bundle head'}")
+
+
+@main.command()
+@state_option
+@click.option("--bundle", type=click.Path(path_type=Path), default=None, help="Also show which head is active for this bundle.")
+@click.option("--trusted-key", type=click.Path(path_type=Path), default=None, envvar="EDGE_RUN_TRUSTED_KEY",
+              help="Pinned Ed25519 public key of the bundle signer [default: BUNDLE.pub next to the bundle].")
+@click.option("--epsilon", default=0.5, show_default=True, type=float, help="Privacy budget the ledger is held to.")
+@click.option("--delta", default=1e-5, show_default=True, type=float, help="Privacy delta.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@handle_errors
+def status(state_dir: Path, bundle: Path | None, trusted_key: Path | None, epsilon: float, delta: float, as_json: bool) -> None:
+    """Privacy budget spent and left per dataset (recomputed from the ledger's events), active head, outbox."""
+    from .privacy.ledger import Ledger
+
+    st = State(state_dir)
+    report: dict = {"state": str(st.root), "clinic": None, "datasets": [], "outbox": []}
+    if (st.root / "clinic.json").exists():
+        clinic = st.clinic()
+        report["clinic"] = clinic["clinic_id"]
+        names = sorted(set(clinic["datasets"]) | {p.name for p in (st.root / "privacy").glob("*") if p.is_dir()})
+        for name in names:
+            report["datasets"].append(Ledger(st.ledger_folder(name), clinic["clinic_id"], name, epsilon, delta).summary())
+        report["outbox"] = sorted(p.name for p in (st.root / "outbox").glob("*.npz"))
+    if bundle is not None:
+        loaded = open_bundle(bundle, trusted_key)
+        history = st.history(loaded) if "weights" in loaded.manifest.get("head", {}) else []
+        report["active_head"] = history[-1]["round_id"] if history else None
+        report["bundle_head"] = bundle_head_key(loaded)[:16] if history else None
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(f"state {report['state']}  clinic {report['clinic'] or '(none yet)'}")
+    for d in report["datasets"]:
+        click.echo(f"dataset {d['dataset']}: epsilon spent {d['epsilon_spent']:.4f}, left {d['epsilon_left']:.4f} of "
+                   f"{d['epsilon_total']:g} (delta {d['delta']:g}, {d['rounds']} rounds)")
+    if not report["datasets"]:
+        click.echo("no privacy budget spent yet")
+    if bundle is not None:
+        click.echo(f"active head: {report['active_head'] or 'the bundle head'}")
+    click.echo(f"outbox: {len(report['outbox'])} update(s)")
 
 
 if __name__ == "__main__":

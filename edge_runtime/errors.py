@@ -9,3 +9,9 @@ class BadInput(Exception):
 
 class BundleError(BadInput):
     """A bundle that is missing, incomplete, tampered or wrongly signed."""
+
+
+class Refused(BadInput):
+    """A well-formed request we refuse: privacy budget spent, nothing to roll back. CLI exit code 1."""
+
+    exit_code = 1

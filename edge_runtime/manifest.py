@@ -52,10 +52,8 @@ class Manifest:
 def read_manifest(path: Path) -> Manifest:
     path = Path(path)
     text = read_text(path, "manifest", MAX_MANIFEST_BYTES)
-    rows = list(_jsonl_rows(path, text) if path.suffix.lower() in (".jsonl", ".ndjson") else _csv_rows(path, text))
-    if not rows:
-        raise BadInput(f"{path}: manifest lists no cases")
-    manifest, seen = Manifest(path.resolve()), set()
+    rows = _jsonl_rows(path, text) if path.suffix.lower() in (".jsonl", ".ndjson") else _csv_rows(path, text)
+    manifest, seen = Manifest(path.resolve()), set()  # rows streamed: memory holds the entries, not every row dict too
     for line, row in rows:
         problem = row.pop("__problem__", "")
         case_id = str(row.get("case_id") or "").strip()
@@ -68,6 +66,8 @@ def read_manifest(path: Path) -> Manifest:
         if not problem and not any(values[m] for m in MODALITIES):
             problem = "no modality given (ct, pathology and genomics are all empty)"
         manifest.entries.append(ManifestEntry(case_id=case_id or f"line-{line}", line=line, problem=problem, **values))
+    if not manifest.entries:
+        raise BadInput(f"{path}: manifest lists no cases")
     return manifest
 
 

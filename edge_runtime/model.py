@@ -69,6 +69,11 @@ class EdgeModel:
         self.preprocessing = preprocessing
         self.classes = classes
         self.dim = dim
+        self.head_params = None  # a fine-tuned head (numpy) replaces head.onnx when set
+
+    def use_head_params(self, params: dict | None) -> None:
+        """Evaluate the head in numpy with these weights (a clinic's fine-tuned head); None: head.onnx."""
+        self.head_params = params
 
     @classmethod
     def from_bundle(cls, bundle: Bundle, variant: str | None = None, threads: int = 2) -> "EdgeModel":
@@ -110,7 +115,12 @@ class EdgeModel:
                 emb[0, i] = self.embed(m, inputs[m])
                 mask[0, i] = 1.0
                 clock = _lap(stages_ms, m, clock)
-        (logits,) = self.head.run(None, {"embeddings": emb, "mask": mask})
+        if self.head_params is not None:  # a head fine-tuned on this clinic's cases (numpy)
+            from .finetune.head import forward
+
+            logits = forward(self.head_params, emb, mask)[0]
+        else:
+            (logits,) = self.head.run(None, {"embeddings": emb, "mask": mask})
         _lap(stages_ms, "head", clock)
         return logits[0]
 

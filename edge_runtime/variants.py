@@ -20,8 +20,8 @@ STATE_ENV = "EDGE_RUN_STATE"
 
 
 def default_state_dir() -> Path:
-    """The clinic's state folder: $EDGE_RUN_STATE, else ~/.dwfl-edge."""
-    return Path(os.environ.get(STATE_ENV) or Path.home() / ".dwfl-edge")
+    """The clinic's state folder (variant pin, fine-tuning state): $EDGE_RUN_STATE, else ~/.dwfl-edge."""
+    return Path(os.environ.get(STATE_ENV) or "~/.dwfl-edge").expanduser()
 
 
 def bundle_fingerprint(bundle: Bundle) -> str:

@@ -248,7 +248,9 @@ class Adapter(nn.Module):
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.lin = nn.Linear(dim, dim)
-        nn.init.zeros_(self.lin.weight)
+        # Near identity, but not exactly: with zero weights every pre-activation is 0, ReLU's
+        # gradient there is 0, and the adapter would never train (in distillation or on the clinic).
+        nn.init.normal_(self.lin.weight, std=0.01)
         nn.init.zeros_(self.lin.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

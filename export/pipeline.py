@@ -39,6 +39,7 @@ from .candidates import Builder, SearchResult, Variant, search
 from .config import TEST_START, VAL_START, PipelineConfig
 from .data import PreparedCases, collate
 from .federated import Federation, FederationSpec, Site
+from .head_weights import save_head_weights
 from .models import Student, Teacher, count_flops, count_parameters
 from .report import REPORTED, plot_candidates
 from .onnx_export import export_student
@@ -149,7 +150,7 @@ def manifest_body(
         "embedding_dim": cfg.model.dim,
         "preprocessing": pre.to_dict(),
         "synthetic": {"seed": seed, "n_sites": cfg.n_sites},
-        "head": {"file": "head.onnx", "format": "onnx-fp32"},
+        "head": {"file": "head.onnx", "weights": "head.npz", "format": "onnx-fp32"},
         "variants": variants,
         "default_variant": selection["chosen"],
         "selection": selection,
@@ -238,6 +239,7 @@ def run_pipeline(
         timer.lap("distill")
 
         fp32 = export_student(student, pre, work / "fp32", seed)
+        head_npz = save_head_weights(student.head, work / "head.npz")  # the clinic fine-tunes these in numpy
         log("exported ONNX encoders and head; parity with torch within 1e-4")
         timer.lap("export")
         builder = Builder({m: fp32[m] for m in MODALITIES}, fp32["head"], cohort, pre, splits.calib, val, work / "candidates")
@@ -264,7 +266,7 @@ def run_pipeline(
                      "reference": "fp32", "reference_val_auc": round(found.reference_auc, 4), "tolerance": tolerance,
                      "measured_on": cpu.to_dict(), "cpu_class": cpu.cls, "threads": threads, "budgets": budgets}
         variants, encoder_files = bundle_variants(found, auc)
-        files = {"head.onnx": fp32["head"], **encoder_files}
+        files = {"head.onnx": fp32["head"], "head.npz": head_npz, **encoder_files}
         sizes = {"head": fp32["head"].stat().st_size}
         sizes.update({f"encoders_{v.name}": sum(p.stat().st_size for p in v.encoders.values()) for v in found.variants})
         params = {"teacher": count_parameters(teacher), "student": count_parameters(student)}

@@ -122,3 +122,17 @@ def test_augment_is_label_preserving_geometry_only():
             assert torch.allclose(out[m][i].flatten().sort().values, x[m][i].flatten().sort().values)
     assert not torch.equal(out["ct"], x["ct"]) and not torch.equal(out["pathology"], x["pathology"])
     assert 0.05 < (out["genomics"] - x["genomics"]).std() < 0.2
+
+
+def test_student_adapters_receive_gradients():
+    """A zero-initialised ReLU adapter has a zero gradient everywhere and would never train."""
+    import torch
+
+    from export.models import StudentHead
+
+    torch.manual_seed(0)
+    head = StudentHead(16, 2)
+    emb, mask = torch.randn(8, 3, 16), torch.ones(8, 3)
+    torch.nn.functional.cross_entropy(head(emb, mask), torch.tensor([0, 1] * 4)).backward()
+    for adapter in head.adapters:
+        assert float(adapter.lin.weight.grad.abs().sum()) > 0

@@ -1,0 +1,273 @@
+"""One fine-tuning round on the clinic, start to end (``edge-run finetune``):
+
+1. refuse bad input before anything is spent: manifest, labels (binary, both classes), bundle head,
+   ledger (corrupt or edited: exit 2), budget already spent (exit 1);
+2. embed each case with the frozen INT8 encoders into the on-disk cache (only cases not cached yet);
+3. split train / validation per case (stable across rounds), validation loss and AUC of the start;
+4. plan sigma and steps to fit the budget left, **charge the ledger (fsync)**, then train the head by
+   DP-SGD in numpy;
+5. write the update (delta + metadata, atomically) to the outbox; make the new head active only if
+   its validation AUC is not below the active head's by more than the tolerance.
+
+What leaves the clinic is the DP-SGD delta plus metadata released through one more Gaussian
+mechanism (counts and the starting head's validation loss), both charged in the ledger. The
+validation AUC and the activation decision stay on the clinic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from .. import MODALITIES
+from ..bundle import Bundle
+from ..errors import BadInput, Refused
+from ..manifest import Manifest, load_case, parse_label
+from ..metrics import roc_auc
+from ..model import EdgeModel
+from ..preprocess import prepare_case
+from ..privacy.accountant import BudgetExhausted, RoundEvents, epsilon, plan_round
+from ..privacy.ledger import Ledger, LedgerError
+from ..profiling import peak_rss_mb
+from . import dpsgd
+from .cache import EmbeddingCache, encoder_key, fingerprint
+from .head import Params, forward, losses, softmax
+from .state import State, bundle_head, bundle_head_key
+
+EVAL_CHUNK = 512
+
+
+@dataclass(frozen=True)
+class FinetuneOptions:
+    epsilon: float = 0.5  # the clinic's whole participation, this dataset
+    delta: float = 1e-5
+    dataset: str = "default"
+    round_epsilon: float | None = None  # at most this much in this round (None: all that is left)
+    epochs: float = 10.0
+    batch_size: int = 256  # expected (Poisson) batch size: q = batch_size / n_train
+    clip: float = 1.0  # C
+    lr: float = 0.01
+    val_fraction: float = 0.2
+    tolerance: float = 0.02  # validation AUC may fall at most this much for the new head to go live
+    meta_noise: float = 20.0  # noise multiplier of the metadata release
+    loss_clip: float = 3.0  # per-case loss bound in the released validation loss
+    seed: int | None = None  # tests only: None draws the noise from the OS's entropy
+    cache_mb: float = 512.0
+    variant: str | None = None
+    threads: int = 2
+
+    def check(self) -> None:
+        if not 0 < self.epsilon <= 100:
+            raise BadInput(f"--epsilon must be in (0, 100], got {self.epsilon:g}")
+        if not 0 < self.delta < 1e-2:
+            raise BadInput(f"--delta must be in (0, 0.01), got {self.delta:g}")
+        if self.round_epsilon is not None and self.round_epsilon <= 0:
+            raise BadInput(f"--round-epsilon must be > 0, got {self.round_epsilon:g}")
+        if not (self.epochs > 0 and self.batch_size >= 1 and self.clip > 0 and self.lr > 0 and 0 < self.val_fraction < 1
+                and self.tolerance >= 0 and self.meta_noise > 0 and self.cache_mb > 0):
+            raise BadInput("fine-tuning options out of range (epochs, batch size, clip, lr, cache > 0; validation fraction in (0, 1))")
+
+
+@dataclass
+class Labelled:
+    case_ids: list[str]
+    labels: np.ndarray  # int64 class index
+    lines: list[int]
+
+
+def check_labels(manifest: Manifest, classes: list[str]) -> Labelled:
+    """Every usable row needs a binary label; both classes must occur."""
+    if len(classes) != 2:
+        raise BadInput(f"fine-tuning needs a binary model; the bundle has {len(classes)} classes")
+    ids, labels, lines = [], [], []
+    for e in manifest.entries:
+        if e.problem:
+            continue
+        if not e.label:
+            raise BadInput(f"{manifest.path}: line {e.line} (case {e.case_id}) has no label; fine-tuning needs one for every case")
+        try:
+            labels.append(parse_label(e.label, classes))
+        except BadInput as exc:
+            raise BadInput(f"{manifest.path}: line {e.line} (case {e.case_id}): {exc} (labels must be binary)") from exc
+        ids.append(e.case_id)
+        lines.append(e.line)
+    if not ids:
+        raise BadInput(f"{manifest.path}: manifest has no usable case")
+    arr = np.asarray(labels, dtype=np.int64)
+    if len(np.unique(arr)) < 2:
+        raise BadInput(f"{manifest.path}: every label is {classes[int(arr[0])]!r}; fine-tuning needs cases of both classes")
+    return Labelled(ids, arr, lines)
+
+
+def is_validation(clinic: str, case_id: str, fraction: float) -> bool:
+    """Stable per case across rounds, unpredictable without the clinic id."""
+    h = int.from_bytes(hashlib.sha256(f"{clinic}\n{case_id}".encode()).digest()[:8], "big")
+    return h / 2**64 < fraction
+
+
+def fill_cache(model: EdgeModel, bundle: Bundle, manifest: Manifest, cache: EmbeddingCache, wanted: set[str],
+               log=lambda s: None) -> tuple[dict[str, int], dict[str, str]]:
+    """Row of every wanted case (encoding the ones not cached yet, one at a time); rejected cases with reasons."""
+    rows, rejected, added = {}, {}, 0
+    for e in manifest.entries:
+        if e.case_id not in wanted:
+            continue
+        fp = fingerprint([e.ct, e.pathology, e.genomics], manifest.folder)
+        row = cache.lookup(e.case_id, fp)
+        if row is None:
+            try:
+                prepared = prepare_case(load_case(e, manifest.folder, bundle.preprocessing, bundle.classes), bundle.preprocessing)
+                if not prepared.inputs:
+                    raise BadInput("case has no usable modality")
+            except BadInput as exc:
+                rejected[e.case_id] = str(exc)
+                continue
+            emb = np.zeros((len(MODALITIES), model.dim), np.float32)
+            mask = np.zeros(len(MODALITIES), np.uint8)
+            for i, m in enumerate(MODALITIES):
+                if m in prepared.inputs:
+                    emb[i], mask[i] = model.embed(m, prepared.inputs[m]), 1
+            row = cache.add(e.case_id, fp, emb, mask)
+            added += 1
+            if added % 256 == 0:
+                cache.flush()
+                log(f"embedded {added} cases")
+        rows[e.case_id] = row
+    if added:
+        cache.flush()
+    return rows, rejected
+
+
+def evaluate(params: Params, cache: EmbeddingCache, rows: np.ndarray, labels: np.ndarray) -> dict:
+    """Validation AUC and mean loss, read in chunks (memory flat in the number of cases)."""
+    probs, loss = [], []
+    for s in range(0, len(rows), EVAL_CHUNK):
+        emb, mask = cache.read(rows[s:s + EVAL_CHUNK])
+        y = labels[s:s + EVAL_CHUNK]
+        probs.append(softmax(forward(params, emb, mask))[:, -1])
+        loss.append(losses(params, emb, mask, y))
+    p, l_ = np.concatenate(probs), np.concatenate(loss)
+    return {"auc": roc_auc(labels == 1, p), "loss": float(l_.mean()), "losses": l_}
+
+
+def noisy_metadata(rng: np.random.Generator, n_train: int, modality_counts: np.ndarray, n_val: int, val_losses: np.ndarray,
+                   z: float, loss_clip: float) -> dict:
+    """Gaussian mechanism on (n_train, per-modality counts, n_val, sum of clipped losses / bound).
+    A training case moves at most 4 entries by 1, a validation case 2 entries by at most 1: L2
+    sensitivity 2, noise std 2 z."""
+    v = np.array([n_train, *modality_counts, n_val, np.minimum(val_losses, loss_clip).sum() / loss_clip], dtype=np.float64)
+    noisy = v + rng.normal(0.0, 2.0 * z, v.shape)
+    n = max(1.0, noisy[0])
+    return {
+        "n": int(round(n)),
+        "modality_fraction": {m: round(float(np.clip(noisy[1 + i] / n, 0.0, 1.0)), 4) for i, m in enumerate(MODALITIES)},
+        "val_loss": round(float(np.clip(noisy[-1] * loss_clip / max(noisy[-2], 1.0), 0.0, loss_clip)), 4),
+    }
+
+
+def finetune(bundle: Bundle, manifest: Manifest, state: State, opts: FinetuneOptions, log=lambda s: None) -> dict:
+    opts.check()
+    t0 = time.perf_counter()
+    labelled = check_labels(manifest, bundle.classes)
+    start_params, dim, n_classes = bundle_head(bundle)
+    active_params, active_entry = state.active_head(bundle, dim, n_classes)
+    clinic = state.clinic(create=False)["clinic_id"] if (state.root / "clinic.json").exists() else None
+    ledger_dir = state.ledger_folder(opts.dataset)
+    if clinic is not None and opts.dataset in state.clinic()["datasets"] and not (ledger_dir / "ledger.head.json").exists():
+        raise LedgerError(f"{ledger_dir}: the privacy ledger of dataset {opts.dataset!r} is missing (deleted?); refusing to start from zero")
+    clinic = clinic or state.clinic()["clinic_id"]
+    ledger = Ledger(ledger_dir, clinic, opts.dataset, opts.epsilon, opts.delta)
+    if ledger.spent() >= opts.epsilon - 1e-3:
+        raise Refused(f"privacy budget spent for dataset {opts.dataset!r}: epsilon {ledger.spent():.4f} of {opts.epsilon:g} "
+                      f"(delta {opts.delta:g}); nothing trained, nothing sent")
+
+    # 2. embeddings (frozen encoders, one case at a time) into the cache
+    variant = opts.variant or bundle.manifest["default_variant"]
+    model = EdgeModel.from_bundle(bundle, variant, opts.threads)
+    enc_files = {v["name"]: v["encoders"] for v in bundle.manifest["variants"]}[variant]
+    cache = EmbeddingCache(state.root / "cache", encoder_key(bundle.manifest, variant, enc_files), dim, len(MODALITIES), opts.cache_mb)
+    if cache.dim != int(start_params["classifier.weight"].shape[1]):
+        raise BadInput(f"{cache.folder}: cache embeddings have dimension {cache.dim}, the bundle head expects {dim}")
+    if len(labelled.case_ids) > cache.capacity:
+        raise BadInput(f"{manifest.path}: {len(labelled.case_ids)} cases do not fit the {opts.cache_mb:g} MB cache; raise --cache-mb")
+    row_of, rejected = fill_cache(model, bundle, manifest, cache, set(labelled.case_ids), log)
+    del model
+    t_embed = time.perf_counter() - t0
+
+    # 3. split, starting point
+    keep = [i for i, c in enumerate(labelled.case_ids) if c in row_of]
+    ids = [labelled.case_ids[i] for i in keep]
+    labels = labelled.labels[keep]
+    rows = np.array([row_of[c] for c in ids], dtype=np.int64)
+    val = np.array([is_validation(clinic, c, opts.val_fraction) for c in ids], dtype=bool)
+    tr_rows, tr_labels, va_rows, va_labels = rows[~val], labels[~val], rows[val], labels[val]
+    if len(tr_rows) < 10 or len(va_rows) < 4 or len(np.unique(va_labels)) < 2 or len(np.unique(tr_labels)) < 2:
+        raise BadInput(f"{manifest.path}: too few usable labelled cases ({len(tr_rows)} training, {len(va_rows)} validation, "
+                       f"{len(rejected)} rejected) for a round with both classes in each split")
+    start_eval = evaluate(start_params, cache, va_rows, va_labels)
+    active_eval = evaluate(active_params, cache, va_rows, va_labels) if active_params is not None else start_eval
+    _, tr_masks = cache.read(tr_rows)
+    modality_counts = tr_masks.sum(axis=0)
+    del tr_masks
+
+    # 4. plan, charge (fsync), train
+    try:
+        plan = plan_round(ledger.rounds, len(tr_rows), opts.batch_size, opts.epochs, opts.meta_noise,
+                          opts.epsilon, opts.delta, opts.round_epsilon)
+    except BudgetExhausted as exc:
+        raise Refused(f"{exc}; nothing trained, nothing sent") from exc
+    round_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
+    state.register_dataset(opts.dataset)
+    charge = ledger.charge(round_id, plan.events)  # fsynced before anything derived from this round exists
+    rng = np.random.default_rng(opts.seed)
+    spec = dpsgd.TrainSpec(plan.events.steps, plan.events.sampling_rate, plan.events.noise_multiplier, opts.clip, opts.lr)
+
+    def read(idx: np.ndarray):
+        emb, mask = cache.read(tr_rows[idx])
+        return emb, mask, tr_labels[idx]
+
+    t1 = time.perf_counter()
+    new_params = dpsgd.train(start_params, len(tr_rows), read, spec, rng)
+    t_train = time.perf_counter() - t1
+    meta_release = noisy_metadata(rng, len(tr_rows), modality_counts, len(va_rows), start_eval["losses"], plan.events.meta_noise_multiplier, opts.loss_clip)
+
+    # 5. update out (atomic), then the local switch
+    new_eval = evaluate(new_params, cache, va_rows, va_labels)
+    cache.close()
+    delta = {k: (new_params[k] - start_params[k]).astype(np.float32) for k in start_params}
+    update_id = f"{clinic}-{round_id}"
+    meta = {
+        "update_id": update_id, "clinic": clinic, "dataset": opts.dataset, "round_id": round_id,
+        "model_version": bundle.model_version, "base_head": bundle_head_key(bundle), **meta_release,
+        "noise_multiplier": plan.events.noise_multiplier, "sampling_rate": plan.events.sampling_rate,
+        "steps": plan.events.steps, "clip": opts.clip, "meta_noise_multiplier": plan.events.meta_noise_multiplier,
+        "epsilon_round": round(epsilon([plan.events], opts.delta), 6), "epsilon_spent": round(charge.epsilon_after, 6),
+        "delta": opts.delta, "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    update_path = state.write_update(update_id, delta, meta)
+    baseline = active_eval["auc"]
+    accepted = bool(np.isfinite(new_eval["auc"]) and new_eval["auc"] >= baseline - opts.tolerance)
+    if accepted:
+        state.activate(bundle, new_params, round_id, {"val_auc": round(new_eval["auc"], 4), "base_val_auc": round(baseline, 4)})
+    return {
+        "update": str(update_path), "update_id": update_id, "round_id": round_id, "clinic": clinic, "dataset": opts.dataset,
+        "cases": {"train": int(len(tr_rows)), "validation": int(len(va_rows)), "rejected": len(rejected), "cached": len(cache)},
+        "rejected": rejected,
+        "validation": {"auc_start": round(start_eval["auc"], 4), "auc_active_before": round(baseline, 4),
+                       "auc_new": round(new_eval["auc"], 4), "loss_start": round(start_eval["loss"], 4),
+                       "loss_new": round(new_eval["loss"], 4), "tolerance": opts.tolerance},
+        "activated": accepted,
+        "active_before": active_entry["round_id"] if active_entry else None,
+        "privacy": {"noise_multiplier": round(plan.events.noise_multiplier, 4), "sampling_rate": round(plan.events.sampling_rate, 5),
+                    "steps": plan.events.steps, "clip": opts.clip, "meta_noise_multiplier": plan.events.meta_noise_multiplier,
+                    "epsilon_round": meta["epsilon_round"], **ledger.summary()},
+        "released": meta_release,
+        "seconds": {"embed": round(t_embed, 2), "train": round(t_train, 2), "total": round(time.perf_counter() - t0, 2)},
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+    }
