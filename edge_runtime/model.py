@@ -118,7 +118,7 @@ class EdgeModel:
         if self.head_params is not None:  # a head fine-tuned on this clinic's cases (numpy)
             from .finetune.head import forward
 
-            logits = forward(self.head_params, emb, mask)[0]
+            logits = forward(self.head_params, emb, mask)
         else:
             (logits,) = self.head.run(None, {"embeddings": emb, "mask": mask})
         _lap(stages_ms, "head", clock)

@@ -78,8 +78,10 @@ def test_finetune_round_status_infer_rollback(micro_out, cases, tmp_path):
     bundle, state = micro_out / "bundle", tmp_path / "state"
     probe = ["infer", "--bundle", str(bundle), "--state", str(state), "--synthetic", "--case-id", "7", "--case-id", "8", "--json"]
     before = [json.loads(line)["probability"] for line in run(*probe).stdout.splitlines()]
+    assert len(before) == 2
 
-    proc = finetune(bundle, cases, state, "--round-epsilon", "0.3")
+    # --tolerance 1: the new head always goes live, so infer's numpy-head path is exercised.
+    proc = finetune(bundle, cases, state, "--round-epsilon", "0.3", "--tolerance", "1")
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     p = report["privacy"]
@@ -101,6 +103,7 @@ def test_finetune_round_status_infer_rollback(micro_out, cases, tmp_path):
     assert status["outbox"] == [report["update_id"] + ".npz"]
 
     after = [json.loads(line)["probability"] for line in run(*probe).stdout.splitlines()]
+    assert len(after) == 2 and report["activated"]
     if report["activated"]:
         assert status["active_head"] == report["round_id"]
         assert max(abs(a - b) for a, b in zip(before, after)) > 1e-6, "infer uses the fine-tuned head"
