@@ -289,11 +289,11 @@ def rollback(bundle: Path, trusted_key: Path | None, state_dir: Path, as_json: b
 @click.option("--bundle", type=click.Path(path_type=Path), default=None, help="Also show which head is active for this bundle.")
 @click.option("--trusted-key", type=click.Path(path_type=Path), default=None, envvar="EDGE_RUN_TRUSTED_KEY",
               help="Pinned Ed25519 public key of the bundle signer [default: BUNDLE.pub next to the bundle].")
-@click.option("--epsilon", default=0.5, show_default=True, type=float, help="Privacy budget the ledger is held to.")
+@click.option("--epsilon", default=None, type=float, help="Privacy budget to compare with [default: the one the ledger recorded].")
 @click.option("--delta", default=1e-5, show_default=True, type=float, help="Privacy delta.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @handle_errors
-def status(state_dir: Path, bundle: Path | None, trusted_key: Path | None, epsilon: float, delta: float, as_json: bool) -> None:
+def status(state_dir: Path, bundle: Path | None, trusted_key: Path | None, epsilon: float | None, delta: float, as_json: bool) -> None:
     """Privacy budget spent and left per dataset (recomputed from the ledger's events), active head, outbox."""
     from .privacy.ledger import Ledger
 

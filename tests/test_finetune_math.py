@@ -191,3 +191,12 @@ def test_crash_between_ledger_line_and_head_counts_the_charge(tmp_path):
     again = Ledger(folder, "clinic-a", "ds", 0.5, 1e-5)
     assert len(again.charges) == 2
     assert again.spent() == pytest.approx(epsilon([RoundEvents(0.1, 8.0, 10, 20.0)] * 2, 1e-5))
+
+
+def test_lifetime_budget_is_fixed_by_the_first_round(tmp_path):
+    ledger = Ledger(tmp_path / "p", "clinic-a", "ds", 0.5, 1e-5)
+    ledger.charge("r0", RoundEvents(0.1, 12.0, 30, 30.0))
+    assert Ledger(tmp_path / "p", "clinic-a", "ds", None, 1e-5).epsilon_total == 0.5, "status reads the recorded budget"
+    assert Ledger(tmp_path / "p", "clinic-a", "ds", 0.3, 1e-5).epsilon_total == 0.3, "a run may hold itself to less"
+    with pytest.raises(LedgerError, match="fixed at epsilon 0.5 by its first round"):
+        Ledger(tmp_path / "p", "clinic-a", "ds", 5.0, 1e-5)

@@ -21,6 +21,7 @@ from ..fsutil import fsync_dir, write_atomic
 from .accountant import RoundEvents, epsilon
 
 GENESIS = "0" * 64
+DEFAULT_EPSILON = 0.5
 LEDGER_FORMAT = 1
 
 
@@ -45,15 +46,23 @@ class Charge:
 class Ledger:
     """``ledger.jsonl`` (the charges) and ``ledger.head.json`` (count and last hash) in ``folder``."""
 
-    def __init__(self, folder: Path, clinic: str, dataset: str, epsilon_total: float, delta: float) -> None:
+    def __init__(self, folder: Path, clinic: str, dataset: str, epsilon_total: float | None, delta: float) -> None:
+        """``epsilon_total`` is the lifetime budget: fixed by the first charge and recorded in every
+        line; a later run may hold itself to less, never to more. None: the recorded one (status)."""
         self.folder = Path(folder)
         self.path = self.folder / "ledger.jsonl"
         self.head_path = self.folder / "ledger.head.json"
         self.clinic, self.dataset = clinic, dataset
-        self.epsilon_total, self.delta = float(epsilon_total), float(delta)
+        self.delta = float(delta)
         self.charges: list[Charge] = []
         self._last = GENESIS
+        self.recorded_total: float | None = None
         self._load()
+        if epsilon_total is not None and self.recorded_total is not None and epsilon_total > self.recorded_total:
+            raise LedgerError(f"{self.path}: the lifetime budget of dataset {dataset!r} was fixed at epsilon "
+                              f"{self.recorded_total:g} by its first round; {epsilon_total:g} would raise it")
+        total = epsilon_total if epsilon_total is not None else self.recorded_total
+        self.epsilon_total = float(total if total is not None else DEFAULT_EPSILON)
 
     # ------------------------------------------------------------ reading
 
@@ -110,6 +119,10 @@ class Ledger:
             raise LedgerError(f"{where}: ledger entry is corrupt ({exc!r})") from exc
         if not ok:
             raise LedgerError(f"{where}: ledger entry fails its hash chain or does not belong here (edited or corrupt)")
+        total = float(entry["epsilon_total"])
+        if self.recorded_total is not None and total > self.recorded_total:
+            raise LedgerError(f"{where}: ledger entry raises the lifetime budget (edited)")
+        self.recorded_total = total if self.recorded_total is None else min(total, self.recorded_total)
         self.charges.append(Charge(entry["seq"], str(entry["round_id"]), events, float(entry["epsilon_after"]), str(entry["time"])))
         self._last = entry["hash"]
 
@@ -140,7 +153,7 @@ class Ledger:
         entry = {
             "format": LEDGER_FORMAT, "seq": len(self.charges) + 1, "prev": self._last, "clinic": self.clinic, "dataset": self.dataset,
             "round_id": round_id, "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "delta": self.delta,
-            "events": events.to_dict(), "epsilon_after": after,
+            "events": events.to_dict(), "epsilon_after": after, "epsilon_total": self.epsilon_total,
         }
         entry["hash"] = _digest(entry)
         line = (json.dumps(entry, sort_keys=True) + "\n").encode()
