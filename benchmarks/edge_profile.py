@@ -17,12 +17,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import png_path, write_result  # noqa: E402
+from tests.conftest import NO_TORCH  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def profile(bundle: Path, variant: str, cases: int, threads: int) -> dict:
-    cmd = [sys.executable, "-c", "import sys; sys.modules['torch'] = None; from edge_runtime.cli import main; main()",
+    cmd = [sys.executable, "-c", NO_TORCH.format(module="edge_runtime.cli", prog="edge-run"),
            "profile", "--bundle", str(bundle), "--variant", variant, "--cases", str(cases), "--threads", str(threads), "--json"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode not in (0, 1):

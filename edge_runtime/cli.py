@@ -325,5 +325,59 @@ def status(state_dir: Path, bundle: Path | None, trusted_key: Path | None, epsil
     click.echo(f"outbox: {len(report['outbox'])} update(s)")
 
 
+@main.command()
+@click.option("--bundle", type=click.Path(path_type=Path), default=None, help="Bundle to check this PC against.")
+@click.option("--trusted-key", type=click.Path(path_type=Path), default=None, envvar="EDGE_RUN_TRUSTED_KEY",
+              help="Pinned Ed25519 public key of the bundle signer [default: BUNDLE.pub next to the bundle].")
+@click.option("--state", "state_dir", type=click.Path(path_type=Path), default=None, envvar="EDGE_RUN_STATE",
+              help="Clinic state folder [default: ~/.dwfl-edge].")
+@click.option("--threads", default=2, show_default=True, type=click.IntRange(1, 64), help="ONNX Runtime intra-op threads.")
+@click.option("--cases", default=20, show_default=True, type=click.IntRange(3, 10_000), help="Cases of the short profile.")
+@click.option("--mem-budget", default=None, help="Peak RSS budget, e.g. 1.8GB [default: the bundle's].")
+@click.option("--latency-budget", default=None, help="p95 latency budget per case, e.g. 200ms [default: the bundle's].")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@handle_errors
+def doctor(bundle: Path | None, trusted_key: Path | None, state_dir: Path | None, threads: int, cases: int,
+           mem_budget: str | None, latency_budget: str | None, as_json: bool) -> None:
+    """Is this PC fit? CPU features, cores, RAM, disk, ONNX Runtime, the variant that fits, a short
+    profile against the budgets, the privacy budget left. Exit 1 when the PC cannot meet the budgets."""
+    from .doctor import Report, machine_checks, privacy_checks
+
+    state = state_dir or default_state_dir()
+    report = Report()
+    mem_mb, lat_ms = 1800.0, 200.0  # DESIGN's clinic budgets, unless the bundle or options say otherwise
+    loaded = open_bundle(bundle, trusted_key) if bundle is not None else None
+    if loaded is not None:
+        budgets = loaded.manifest.get("budgets", {})
+        mem_mb, lat_ms = float(budgets.get("mem_mb", mem_mb)), float(budgets.get("latency_ms", lat_ms))
+    mem_mb = parse_size_mb(mem_budget) if mem_budget else mem_mb
+    lat_ms = parse_duration_ms(latency_budget) if latency_budget else lat_ms
+    machine_checks(report, state, mem_mb)
+    if loaded is not None:
+        name, why = resolve_variant(loaded, None, state)
+        report.add("variant", name, True, why)
+        model = load_model(loaded, name, threads, state)
+        result = profile(model, synthetic_cohort(loaded).iter_cases(PROFILE_FIRST_CASE, cases + WARMUP_CASES), mem_mb, lat_ms)
+        lat = result.latency
+        report.facts["profile"] = {"variant": name, **result.to_dict()}
+        report.add("latency p95", f"{lat['p95']:.1f} ms ({cases} cases, {threads} threads)", lat["p95"] <= lat_ms, f"budget {lat_ms:g} ms")
+        report.add("peak memory", f"{result.peak_rss_mb:.1f} MB", result.peak_rss_mb <= mem_mb, f"budget {mem_mb:g} MB")
+    privacy_checks(report, state)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title="edge-run doctor" + (f": {bundle}" if bundle else ""))
+        for col in ("check", "value", "", "detail"):
+            table.add_column(col)
+        for c in report.checks:
+            table.add_row(c.name, c.value, "[green]ok[/green]" if c.ok else "[red]FAIL[/red]", c.detail)
+        Console().print(table)
+        click.echo("this PC is fit for the bundle" if report.ok else "this PC cannot meet the budgets (see FAIL above)")
+    sys.exit(0 if report.ok else 1)
+
+
 if __name__ == "__main__":
     main()

@@ -8,10 +8,17 @@ from pathlib import Path
 
 import pytest
 
-# Runs a CLI with torch made unimportable: proves the clinic path never needs it.
+# Runs a CLI with torch made unimportable, the way a clinic without it sees it (ModuleNotFoundError):
+# proves the clinic path never needs it. (sys.modules['torch'] = None would break scipy, which
+# dp-accounting imports: scipy probes sys.modules['torch'] and reads .Tensor from it.)
 NO_TORCH = (
-    "import sys; sys.modules['torch'] = None; "
-    "from {module} import main; sys.argv[0] = '{prog}'; main()"
+    "import sys, importlib.abc\n"
+    "class NoTorch(importlib.abc.MetaPathFinder):\n"
+    "    def find_spec(self, name, path, target=None):\n"
+    "        if name == 'torch' or name.startswith('torch.'):\n"
+    "            raise ModuleNotFoundError(f'No module named {{name!r}}', name=name)\n"
+    "sys.meta_path.insert(0, NoTorch())\n"
+    "from {module} import main; sys.argv[0] = '{prog}'; main()\n"
 )
 
 

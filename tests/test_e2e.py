@@ -260,3 +260,19 @@ def test_pipeline_failed_search_writes_the_best_and_exits_1(tmp_path):
     assert all(any("p95 latency" in f for f in c["fails"]) for c in report["candidates"])
     manifest = json.loads((out / "bundle" / MANIFEST).read_text())
     assert manifest["default_variant"] == report["selection"]["chosen"], "the best candidate is still written"
+
+
+def test_doctor_reports_fitness_and_fails_on_an_impossible_budget(micro_out, tmp_path):
+    args = ["doctor", "--bundle", str(micro_out / "bundle"), "--state", str(tmp_path), "--cases", "4", "--json"]
+    proc = edge_run(*args)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    names = {c["name"] for c in report["checks"]}
+    assert {"CPU", "cores", "RAM", "free disk", "onnxruntime", "variant", "latency p95", "peak memory", "privacy budget"} <= names
+    assert report["ok"] and report["cpu"]["class"] in ("vnni", "avx2", "baseline") and report["free_disk_mb"] > 0
+    over = edge_run(*args, "--latency-budget", "0.001ms")
+    assert over.returncode == 1
+    failed = [c for c in json.loads(over.stdout)["checks"] if not c["ok"]]
+    assert [c["name"] for c in failed] == ["latency p95"] and "budget 0.001 ms" in failed[0]["detail"]
+    table = edge_run("doctor", "--bundle", str(micro_out / "bundle"), "--state", str(tmp_path), "--cases", "3")
+    assert table.returncode == 0 and "this PC is fit" in table.stdout and "onnxruntime" in table.stdout
