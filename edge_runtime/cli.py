@@ -147,10 +147,13 @@ def _emit_rejection(case_id: str, reason: str, as_json: bool) -> None:
 @click.option("--select", "select_variant", is_flag=True,
               help="Measure every variant of the bundle here, each in a fresh process, and pin the fastest that "
                    "meets accuracy and both budgets for this PC.")
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
+              help="Write a latency histogram with the budget line to this PNG (needs matplotlib: pip install '.[plot]').")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @handle_errors
 def profile_cmd(bundle: Path, trusted_key: Path | None, state_dir: Path | None, variant: str | None, threads: int,
-                cases: int, mem_budget: str | None, latency_budget: str | None, select_variant: bool, as_json: bool) -> None:
+                cases: int, mem_budget: str | None, latency_budget: str | None, select_variant: bool, plot_path: Path | None,
+                as_json: bool) -> None:
     """Latency p50/p95/p99 (whole case and model alone) and whole-process peak RSS against the
     budgets; exit 1 when over. With --select: measure all variants and pin the best here."""
     # Parse budgets before any work, so a typo costs nothing.
@@ -166,9 +169,13 @@ def profile_cmd(bundle: Path, trusted_key: Path | None, state_dir: Path | None, 
     name, why = resolve_variant(loaded, variant, state_dir)
     model = load_model(loaded, name, threads, state_dir)
     cohort = synthetic_cohort(loaded)
+    if plot_path is not None:
+        _check_can_plot(plot_path)
     result = profile(model, cohort.iter_cases(PROFILE_FIRST_CASE, cases + WARMUP_CASES), mem_mb, lat_ms)
     report = {"bundle": str(bundle), "model_version": loaded.model_version, "variant": name, "variant_reason": why,
               "threads": threads, **result.to_dict()}
+    if plot_path is not None:
+        report["plot"] = str(_plot_latency(result, name, plot_path))
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
@@ -183,6 +190,40 @@ def profile_cmd(bundle: Path, trusted_key: Path | None, state_dir: Path | None, 
         click.echo(f"peak RSS    {report['peak_rss_mb']:.1f} MB   budget {mem_mb:g} MB")
         click.echo("PASS" if result.passed else "OVER BUDGET")
     sys.exit(0 if result.passed else 1)
+
+
+def _check_can_plot(path: Path) -> None:
+    """Before the profile runs: a missing matplotlib or output folder costs nothing."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        raise BadInput(f"{path}: --plot needs matplotlib (pip install 'dwfl-edge[plot]' or 'matplotlib')") from exc
+    if not path.parent.is_dir():
+        raise BadInput(f"{path}: folder {path.parent} does not exist")
+
+
+def _plot_latency(result, variant: str, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.hist(result.latencies_ms, bins=30, color="tab:blue", alpha=0.8, label="whole case")
+    if result.model_ms:
+        ax.hist(result.model_ms, bins=30, color="tab:green", alpha=0.6, label="model only (encoders + head)")
+    ax.axvline(result.latency_budget_ms, color="red", ls="--", label=f"budget {result.latency_budget_ms:g} ms (p95)")
+    ax.axvline(result.latency["p95"], color="black", ls=":", label=f"p95 {result.latency['p95']:.1f} ms")
+    ax.set_xscale("log")
+    ax.set_xlabel("latency per case, ms (log)")
+    ax.set_ylabel("cases")
+    ax.set_title(f"edge-run profile: {variant}, {len(result.latencies_ms)} cases, peak RSS {result.peak_rss_mb:.0f} MB")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    tmp.replace(path)
+    return path
 
 
 def _select(loaded: Bundle, state_dir: Path | None, threads: int, cases: int, mem_mb: float, lat_ms: float, as_json: bool) -> None:

@@ -276,3 +276,13 @@ def test_doctor_reports_fitness_and_fails_on_an_impossible_budget(micro_out, tmp
     assert [c["name"] for c in failed] == ["latency p95"] and "budget 0.001 ms" in failed[0]["detail"]
     table = edge_run("doctor", "--bundle", str(micro_out / "bundle"), "--state", str(tmp_path), "--cases", "3")
     assert table.returncode == 0 and "this PC is fit" in table.stdout and "onnxruntime" in table.stdout
+
+
+def test_profile_plot_writes_a_histogram(micro_out, tmp_path):
+    png = tmp_path / "latency.png"
+    proc = edge_run("profile", "--bundle", str(micro_out / "bundle"), "--cases", "5", "--plot", str(png), "--json",
+                    "--state", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["plot"] == str(png) and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = edge_run("profile", "--bundle", str(micro_out / "bundle"), "--cases", "5", "--plot", str(tmp_path / "no" / "x.png"))
+    assert bad.returncode == 2 and "does not exist" in bad.stderr
