@@ -52,6 +52,10 @@ def session_options(threads: int) -> ort.SessionOptions:
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Each session has its own intra-op pool; with spinning on, the idle workers of four small
+    # sessions busy-wait on a 2-core PC and steal the core the running one needs. Measured here
+    # (fp32 demo bundle, 60 full cases): model time p50/p95 8.1/13.9 ms spinning, 3.5/3.6 ms not.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return opts
 
 
