@@ -94,8 +94,8 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         @event.listens_for(engine, "begin")
-        def _begin(conn):  # noqa: ANN001 - take the write lock at BEGIN: no upgrade deadlocks
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        def _begin(conn):  # noqa: ANN001 - our write transactions write first (UPDATE/INSERT), so a
+            conn.exec_driver_sql("BEGIN")  # deferred BEGIN never has to upgrade a read lock under contention
 
         # pysqlite's own transaction handling must be off for the BEGIN above to be ours
         @event.listens_for(engine, "connect", insert=True)
