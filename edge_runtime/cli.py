@@ -420,5 +420,84 @@ def doctor(bundle: Path | None, trusted_key: Path | None, state_dir: Path | None
     sys.exit(0 if report.ok else 1)
 
 
+@main.command()
+@state_option
+@click.option("--server", "url", required=True, help="Server URL, e.g. https://fl.example.org (TLS in production).")
+@click.option("--token", required=True, envvar="EDGE_RUN_TOKEN", help="One-time enrollment token from `edge-server token`.")
+@click.option("--kem", default="mlkem768-x25519", show_default=True, type=click.Choice(["mlkem768-x25519", "x25519"]),
+              help="HPKE KEM used to seal updates to the server.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@handle_errors
+def enroll(state_dir: Path, url: str, token: str, kem: str, as_json: bool) -> None:
+    """Make this clinic's signing key, register it with the token and pin the server key the token names."""
+    from .sync.client import enroll as do_enroll
+
+    report = do_enroll(state_dir, url, token, kem)
+    click.echo(json.dumps(report) if as_json else f"enrolled as {report['clinic']}; server key {report['server_key_id'][:16]}… pinned")
+
+
+@main.command()
+@state_option
+@click.option("--server", "url", default=None, help="Server URL [default: the one enrolled with].")
+@click.option("--manifest", type=click.Path(path_type=Path), default=None,
+              help="Labelled case manifest: fine-tune on it when the open round has nothing from this clinic yet.")
+@click.option("--epsilon", default=0.5, show_default=True, type=float, help="Privacy budget of this dataset over the clinic's whole participation.")
+@click.option("--delta", default=1e-5, show_default=True, type=float, help="Privacy delta.")
+@click.option("--round-epsilon", default=None, type=float, help="Spend at most this much per round [default: all that is left].")
+@click.option("--dataset", default="default", show_default=True, help="Dataset name (one privacy ledger each).")
+@click.option("--epochs", default=10.0, show_default=True, type=float)
+@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1, 1_000_000))
+@click.option("--lr", default=0.01, show_default=True, type=float)
+@click.option("--retries", default=5, show_default=True, type=click.IntRange(0, 100), help="Tries after the first, with exponential backoff.")
+@click.option("--backoff", default=1.0, show_default=True, type=click.FloatRange(0, 600), help="First wait between tries (seconds).")
+@click.option("--timeout", default=60.0, show_default=True, type=click.FloatRange(0.1, 3600), help="Seconds per HTTP request.")
+@click.option("--seed", default=None, type=int, hidden=True, help="Tests only: fixed noise (never in production).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@handle_errors
+def sync(state_dir: Path, url: str | None, manifest: Path | None, epsilon: float, delta: float, round_epsilon: float | None,
+         dataset: str, epochs: float, batch_size: int, lr: float, retries: int, backoff: float, timeout: float,
+         seed: int | None, as_json: bool) -> None:
+    """Upload pending updates, pull the latest global model (verified), and with --manifest fine-tune
+    with DP and upload a sealed, signed update for the open round. Made for cron / systemd timers /
+    Task Scheduler: safe to run at any time, does nothing twice. Exit 1 when the server refused."""
+    from .finetune.run import FinetuneOptions
+    from .finetune.run import finetune as run_finetune
+    from .finetune.state import check_name
+    from .sync.client import Client, contributed
+
+    cases = read_manifest(manifest) if manifest is not None else None
+    opts = FinetuneOptions(epsilon=epsilon, delta=delta, dataset=check_name(dataset, "dataset"), round_epsilon=round_epsilon,
+                           epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+    opts.check()
+    client = Client(state_dir, url, retries, backoff, timeout)
+    report: dict = {"clinic": client.config.clinic, "uploads": client.upload_pending()}
+    status = client.get_json("/v1/model")
+    bundle = client.pull(int(status["version"]))
+    report.update(version=int(status["version"]), model_version=bundle.model_version, bundle=str(bundle.root))
+    rnd = status.get("round") or {}
+    report["round"] = rnd.get("id")
+    if cases is None:
+        report["finetune"] = "skipped (no --manifest)"
+    elif rnd.get("state") != "open" or int(rnd.get("base_version", -1)) != int(status["version"]):
+        report["finetune"] = "skipped (no open round on this version)"
+    elif (done := contributed(state_dir, int(rnd["id"]))) is not None:
+        report["finetune"] = f"skipped (already sent {done} for round {rnd['id']})"
+    else:
+        ft = run_finetune(bundle, cases, State(state_dir), opts)
+        client.queue(Path(ft["update"]), int(rnd["id"]), int(status["version"]))
+        report["finetune"] = {"update_id": ft["update_id"], "validation": ft["validation"], "privacy": ft["privacy"]}
+        report["uploads"] += client.upload_pending()
+    refused = [u for u in report["uploads"] if u.get("status") == "refused"]
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        click.echo(f"clinic {report['clinic']}: model version {report['version']} ({report['model_version']}), round {report['round']}")
+        ft = report["finetune"]
+        click.echo(f"fine-tune: {ft if isinstance(ft, str) else ft['update_id']}")
+        for u in report["uploads"]:
+            click.echo(f"upload {u['update_id']}: {u['status']}" + (f" ({u.get('reason')})" if u["status"] == "refused" else ""))
+    sys.exit(1 if refused else 0)
+
+
 if __name__ == "__main__":
     main()

@@ -97,11 +97,16 @@ class EdgeModel:
             if not isinstance(f, str) or f not in manifest["files"]:
                 raise BundleError(f"{where}: {f!r} is not among the bundle's verified files")
         try:
-            return cls({m: bundle.path(f) for m, f in files.items()}, bundle.path(head), bundle.preprocessing,
-                       bundle.classes, dim, threads)
+            model = cls({m: bundle.path(f) for m, f in files.items()}, bundle.path(head), bundle.preprocessing,
+                        bundle.classes, dim, threads)
         except (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidGraph,
                 ort.capi.onnxruntime_pybind11_state.InvalidProtobuf) as exc:
             raise BundleError(f"{bundle.root}: ONNX Runtime cannot load the model ({str(exc)[:120]})") from exc
+        if manifest["head"].get("runtime") == "numpy":  # a federated version: head.npz is the global head
+            from .finetune.state import bundle_head
+
+            model.use_head_params(bundle_head(bundle)[0])
+        return model
 
     def embed(self, modality: str, x: np.ndarray) -> np.ndarray:
         """Encoder output for one case; several pathology tiles are averaged into one embedding."""

@@ -1,0 +1,239 @@
+"""The clinic side of sync (``edge-run enroll`` / ``edge-run sync``), over plain HTTP(S) with httpx.
+
+    STATE/sync/clinic_ed25519.pem   the clinic's signing key (0600), made at enrollment
+    STATE/sync/server.json          server URL, clinic name, pinned server keys (Ed25519, HPKE), KEM
+    STATE/sync/server.pub           the pinned server key as PEM (what bundles are verified with)
+    STATE/sync/pending/ID.json      an outbox update waiting for upload: its round and base version
+    STATE/sync/sent/ID.json         uploaded updates (the server's answer)
+    STATE/bundles/vN/               verified global model versions; STATE/bundles/current.json names one
+
+A sync: upload what is pending; pull the latest version (signature and hashes verified before it is
+installed); if the open round has nothing from us yet, fine-tune with DP on the labelled manifest,
+seal the update with HPKE to the pinned server key, sign and upload it. Uploads retry with
+exponential backoff; the update id makes a retry after a timeout idempotent.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from ..bundle import MANIFEST, Bundle, _check_member_name, _verify_signature, load_bundle
+from ..errors import BadInput, BundleError, Refused
+from ..fsutil import replace_dir, sha256_file, write_atomic
+from ..keys import generate_key, key_id, load_private_key, load_public_key, save_private_key, save_public_key
+from . import protocol
+from .hpke import DEFAULT_KEM, KEMS, HpkePublic, seal
+
+RETRY_STATUS = {500, 502, 503, 504}
+
+
+@dataclass
+class SyncConfig:
+    url: str
+    clinic: str
+    server_key_id: str
+    hpke_public: dict
+    kem: str = DEFAULT_KEM
+
+
+class Client:
+    def __init__(self, state_root: Path, url: str | None = None, retries: int = 5, backoff: float = 0.5, timeout: float = 30.0) -> None:
+        self.root = Path(state_root).expanduser()
+        self.sync_dir = self.root / "sync"
+        cfg_path = self.sync_dir / "server.json"
+        if not cfg_path.exists():
+            raise BadInput(f"{self.root}: this clinic is not enrolled (run `edge-run enroll --server URL --token T`)")
+        try:
+            self.config = SyncConfig(**json.loads(cfg_path.read_text()))
+        except (OSError, ValueError, TypeError) as exc:
+            raise BadInput(f"{cfg_path}: unreadable sync configuration ({exc})") from exc
+        self.url = (url or self.config.url).rstrip("/")
+        self.key = load_private_key(self.sync_dir / "clinic_ed25519.pem")
+        self.server_key = load_public_key(self.sync_dir / "server.pub")
+        if key_id(self.server_key) != self.config.server_key_id:
+            raise BadInput(f"{self.sync_dir}: pinned server key does not match its recorded fingerprint")
+        self.hpke = HpkePublic.from_dict(self.config.hpke_public)
+        self.retries, self.backoff = retries, backoff
+        self.http = httpx.Client(base_url=self.url, timeout=timeout)
+
+    # ------------------------------------------------------------ requests
+
+    def request(self, method: str, path: str, body: bytes = b"", retry: bool = True) -> httpx.Response:
+        attempts = self.retries + 1 if retry else 1
+        last = ""
+        for attempt in range(attempts):
+            headers = protocol.sign_request(self.key, self.config.clinic, method, path, body)  # fresh nonce each try
+            if body:
+                headers["Content-Type"] = "application/json"
+            try:
+                resp = self.http.request(method, path, content=body, headers=headers)
+            except httpx.TransportError as exc:
+                last = f"{type(exc).__name__}: {exc}"
+            else:
+                if resp.status_code not in RETRY_STATUS:
+                    return resp
+                last = f"HTTP {resp.status_code}: {reason(resp)}"
+            if attempt + 1 < attempts:
+                time.sleep(self.backoff * 2**attempt * (1 + 0.25 * random.random()))
+        raise Refused(f"server {self.url} unreachable or busy after {attempts} tries ({last})")
+
+    def get_json(self, path: str) -> dict:
+        resp = self.request("GET", path)
+        if resp.status_code != 200:
+            raise Refused(f"{path}: server refused (HTTP {resp.status_code}): {reason(resp)}")
+        return resp.json()
+
+    # ------------------------------------------------------------ model versions
+
+    def current(self) -> tuple[int, Path] | None:
+        path = self.root / "bundles" / "current.json"
+        if not path.exists():
+            return None
+        doc = json.loads(path.read_text())
+        return int(doc["version"]), self.root / "bundles" / doc["folder"]
+
+    def pull(self, version: int) -> Bundle:
+        """Download version ``version`` (files we already hold are copied), verify it, install it."""
+        folder = self.root / "bundles" / f"v{version}"
+        cur = self.current()
+        if cur and cur[0] == version and folder.is_dir():
+            return load_bundle(folder, self.server_key)
+        resp = self.request("GET", f"/v1/bundle/{version}/manifest.json")
+        if resp.status_code != 200:
+            raise Refused(f"cannot fetch version {version}: HTTP {resp.status_code}: {reason(resp)}")
+        raw = resp.content
+        try:
+            manifest = json.loads(raw)
+            if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+                raise ValueError("not a manifest")
+        except ValueError as exc:
+            raise BundleError(f"server sent an unreadable manifest for version {version} ({exc})") from exc
+        _verify_signature(manifest, Path(f"server version {version}"), self.server_key)  # before any download
+        local = {}
+        if cur:
+            old = json.loads((cur[1] / MANIFEST).read_text()) if (cur[1] / MANIFEST).exists() else {"files": {}}
+            local = {m["sha256"]: cur[1] / n for n, m in old["files"].items()}
+        tmp = folder.with_name(f".{folder.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            for name, meta in manifest["files"].items():
+                _check_member_name(name)
+                dest = tmp / name
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                src = local.get(meta.get("sha256"))
+                if src is not None and src.is_file():
+                    shutil.copyfile(src, dest)
+                    continue
+                r = self.request("GET", f"/v1/bundle/{version}/files/{name}")
+                if r.status_code != 200:
+                    raise Refused(f"cannot fetch {name} of version {version}: HTTP {r.status_code}: {reason(r)}")
+                dest.write_bytes(r.content)
+            (tmp / MANIFEST).write_bytes(raw)
+            bundle = load_bundle(tmp, self.server_key)  # signature and every file's SHA-256
+            replace_dir(tmp, folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        write_atomic(self.root / "bundles" / "current.json", json.dumps({"version": version, "folder": folder.name}).encode())
+        return load_bundle(folder, self.server_key)
+
+    # ------------------------------------------------------------ updates
+
+    def queue(self, update_path: Path, round_id: int, base_version: int) -> Path:
+        pending = self.sync_dir / "pending"
+        pending.mkdir(parents=True, exist_ok=True)
+        side = pending / (Path(update_path).stem + ".json")
+        write_atomic(side, json.dumps({"file": str(update_path), "round": round_id, "base_version": base_version}).encode())
+        return side
+
+    def upload_pending(self) -> list[dict]:
+        out = []
+        for side in sorted((self.sync_dir / "pending").glob("*.json")):
+            doc = json.loads(side.read_text())
+            update_id = side.stem
+            result = self.upload(Path(doc["file"]), update_id, int(doc["round"]), int(doc["base_version"]))
+            sent = self.sync_dir / "sent"
+            sent.mkdir(parents=True, exist_ok=True)
+            write_atomic(sent / side.name, json.dumps({**doc, **result}).encode())
+            side.unlink()
+            if result.get("status") in ("stored", "already have it"):
+                Path(doc["file"]).unlink(missing_ok=True)  # the outbox copy is no longer needed
+            out.append(result)
+        return out
+
+    def upload(self, path: Path, update_id: str, round_id: int, base_version: int) -> dict:
+        plain = Path(path).read_bytes()
+        kem = self.config.kem
+        env = protocol.Envelope.build(self.key, update_id, self.config.clinic, round_id, base_version, kem, b"")
+        sealed = seal(plain, self.hpke, env.info(), kem)
+        env = protocol.Envelope.build(self.key, update_id, self.config.clinic, round_id, base_version, kem, sealed)
+        resp = self.request("POST", "/v1/updates", env.to_json())
+        if resp.status_code == 200:
+            return {"update_id": update_id, **resp.json()}
+        return {"update_id": update_id, "status": "refused", "http": resp.status_code, "reason": reason(resp)}
+
+
+def reason(resp: httpx.Response) -> str:
+    try:
+        doc = resp.json()
+        return str(doc.get("error") or doc.get("detail") or doc)[:300]
+    except ValueError:
+        return resp.text[:300]
+
+
+def enroll(state_root: Path, url: str, token: str, kem: str = DEFAULT_KEM, timeout: float = 30.0) -> dict:
+    """Register a fresh clinic key with the token; pin the server key the token names."""
+    if kem not in KEMS:
+        raise BadInput(f"unknown KEM {kem!r}: choose one of {', '.join(KEMS)}")
+    clinic, _, fpr = protocol.parse_token(token)
+    sync_dir = Path(state_root).expanduser() / "sync"
+    sync_dir.mkdir(parents=True, exist_ok=True)
+    key = generate_key()
+    from cryptography.hazmat.primitives import serialization
+
+    pub_raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    body = json.dumps({"token": token, "public_key": base64.b64encode(pub_raw).decode()}).encode()
+    headers = {**protocol.sign_request(key, clinic, "POST", "/v1/enroll", body), "Content-Type": "application/json"}
+    try:
+        resp = httpx.post(url.rstrip("/") + "/v1/enroll", content=body, headers=headers, timeout=timeout)
+    except httpx.TransportError as exc:
+        raise Refused(f"server {url} unreachable ({exc})") from exc
+    if resp.status_code != 200:
+        raise Refused(f"enrollment refused (HTTP {resp.status_code}): {reason(resp)}")
+    doc = resp.json()
+    try:
+        server_key = Ed25519PublicKey.from_public_bytes(base64.b64decode(doc["server_key"], validate=True))
+        hpke_pub = HpkePublic.from_dict(doc["hpke_public"])
+        server_key.verify(base64.b64decode(doc["hpke_signature"], validate=True), hpke_pub.canonical())
+    except Exception as exc:  # noqa: BLE001
+        raise Refused(f"enrollment answer is malformed or its HPKE key is not signed by the server key ({exc!r})") from exc
+    if key_id(server_key) != fpr:
+        raise Refused("the server's key does not match the fingerprint in the token (wrong server or interception); nothing saved")
+    save_private_key(key, sync_dir / "clinic_ed25519.pem")
+    save_public_key(server_key, sync_dir / "server.pub")
+    cfg = SyncConfig(url=url.rstrip("/"), clinic=clinic, server_key_id=fpr, hpke_public=hpke_pub.to_dict(), kem=kem)
+    write_atomic(sync_dir / "server.json", json.dumps(cfg.__dict__, indent=2).encode(), mode=0o600)
+    return {"clinic": clinic, "server_key_id": fpr, "kem": kem, "state": str(sync_dir)}
+
+
+def contributed(state_root: Path, round_id: int) -> str | None:
+    """The update id this clinic already queued or sent for a round, if any."""
+    sync_dir = Path(state_root).expanduser() / "sync"
+    for folder in ("pending", "sent"):
+        for side in (sync_dir / folder).glob("*.json"):
+            try:
+                doc = json.loads(side.read_text())
+            except ValueError:
+                continue
+            if int(doc.get("round", -1)) == round_id and doc.get("status", "stored") != "refused":
+                return side.stem
+    return None

@@ -1,0 +1,50 @@
+"""Content-addressed blob store: BLOBS/ab/cdef... named by SHA-256, written to a temporary name,
+fsynced and renamed, so a blob is either whole or absent; writing one twice is a no-op."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from edge_runtime.fsutil import fsync_dir
+
+
+class BlobStore:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, sha: str) -> Path:
+        if len(sha) != 64 or not all(c in "0123456789abcdef" for c in sha):
+            raise ValueError(f"not a SHA-256: {sha!r}")
+        return self.root / sha[:2] / sha[2:]
+
+    def put(self, data: bytes) -> str:
+        sha = hashlib.sha256(data).hexdigest()
+        dest = self.path(sha)
+        if dest.exists():
+            return sha
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, dest)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        fsync_dir(dest.parent)
+        return sha
+
+    def get(self, sha: str) -> bytes:
+        data = self.path(sha).read_bytes()
+        if hashlib.sha256(data).hexdigest() != sha:
+            raise OSError(f"blob {sha[:16]}… is corrupt")
+        return data
+
+    def has(self, sha: str) -> bool:
+        return self.path(sha).is_file()

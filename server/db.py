@@ -1,0 +1,116 @@
+"""Server storage through SQLAlchemy Core: SQLite (WAL) by default, PostgreSQL by URL.
+
+Tables: clinics, tokens (one-time enrollment), nonces (replay guard), versions (published bundle
+manifests), rounds, updates (unique update_id; unique (clinic, round)). A round is aggregated by the
+one process whose ``UPDATE rounds SET state='aggregating' ... WHERE state='open'`` (or whose lease on
+a stale claim) changed the row: an atomic claim on both databases.
+"""
+
+from __future__ import annotations
+
+import time
+
+from sqlalchemy import (JSON, BigInteger, Column, Float, ForeignKey, Integer, MetaData, String, Table, Text,
+                        UniqueConstraint, create_engine, event)
+from sqlalchemy.engine import Engine
+
+metadata = MetaData()
+
+clinics = Table(
+    "clinics", metadata,
+    Column("name", String(64), primary_key=True),
+    Column("public_key", String(64), nullable=False),  # raw Ed25519, hex
+    Column("enrolled_at", Float, nullable=False),
+    Column("revoked_at", Float, nullable=True),
+)
+
+tokens = Table(
+    "tokens", metadata,
+    Column("secret_hash", String(64), primary_key=True),
+    Column("clinic", String(64), nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=False),
+    Column("used_at", Float, nullable=True),
+)
+
+nonces = Table(
+    "nonces", metadata,
+    Column("clinic", String(64), primary_key=True),
+    Column("nonce", String(64), primary_key=True),
+    Column("ts", BigInteger, nullable=False),
+)
+
+versions = Table(
+    "versions", metadata,
+    Column("version", Integer, primary_key=True, autoincrement=False),
+    Column("model_version", String(128), nullable=False),
+    Column("manifest_sha256", String(64), nullable=False),  # blob of the signed manifest.json
+    Column("round", Integer, nullable=True),  # the round whose aggregation made it (None: published)
+    Column("created_at", Float, nullable=False),
+)
+
+rounds = Table(
+    "rounds", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("base_version", Integer, ForeignKey("versions.version"), nullable=False),
+    Column("state", String(16), nullable=False),  # open | aggregating | closed
+    Column("opened_at", Float, nullable=False),
+    Column("deadline", Float, nullable=False),
+    Column("min_clients", Integer, nullable=False),
+    Column("n_updates", Integer, nullable=False, default=0),
+    Column("claimed_by", String(64), nullable=True),
+    Column("claimed_at", Float, nullable=True),
+    Column("closed_at", Float, nullable=True),
+    Column("result_version", Integer, nullable=True),
+    Column("report", JSON, nullable=True),
+)
+
+updates = Table(
+    "updates", metadata,
+    Column("update_id", String(128), primary_key=True),
+    Column("clinic", String(64), ForeignKey("clinics.name"), nullable=False),
+    Column("round", Integer, ForeignKey("rounds.id"), nullable=False),  # the round it counts in
+    Column("sent_round", Integer, nullable=False),  # the round the clinic trained for
+    Column("staleness", Integer, nullable=False),
+    Column("kem", String(32), nullable=False),
+    Column("blob_sha256", String(64), nullable=False),  # the sealed bytes, as received
+    Column("meta", JSON, nullable=False),
+    Column("received_at", Float, nullable=False),
+    UniqueConstraint("clinic", "round", name="one_update_per_clinic_and_round"),
+)
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn, _record):  # noqa: ANN001
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=FULL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _begin(conn):  # noqa: ANN001 - our write transactions write first (UPDATE/INSERT), so a
+            conn.exec_driver_sql("BEGIN")  # deferred BEGIN never has to upgrade a read lock under contention
+
+        # pysqlite's own transaction handling must be off for the BEGIN above to be ours
+        @event.listens_for(engine, "connect", insert=True)
+        def _autocommit(dbapi_conn, _record):  # noqa: ANN001
+            dbapi_conn.isolation_level = None
+
+        return engine
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url[len("postgresql://"):]
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+def create_all(engine: Engine) -> None:
+    metadata.create_all(engine)
+
+
+def now() -> float:
+    return time.time()

@@ -1,0 +1,89 @@
+"""The server's folder: configuration, key files (private ones mode 0600), blobs, SQLite database.
+
+    HOME/config.json               db URL, round rules, limits
+    HOME/keys/server_ed25519.pem   signs bundles (and enrollment answers); .pub next to it
+    HOME/keys/hpke.json            HPKE private key (ML-KEM-768 seed + X25519), receives updates
+    HOME/blobs/                    content-addressed: sealed updates, bundle files, manifests
+    HOME/server.db                 SQLite (WAL), unless config or --db names PostgreSQL
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from edge_runtime.errors import BadInput
+from edge_runtime.fsutil import write_atomic
+from edge_runtime.keys import generate_key, load_private_key, save_private_key, save_public_key
+from edge_runtime.sync.hpke import HpkePrivate
+
+HOME_ENV = "EDGE_SERVER_HOME"
+
+
+def default_home() -> Path:
+    return Path(os.environ.get(HOME_ENV) or "~/.dwfl-server").expanduser()
+
+
+@dataclass
+class Config:
+    db_url: str = ""  # empty: sqlite:///HOME/server.db
+    min_clients: int = 3
+    round_seconds: float = 24 * 3600.0  # deadline of a round after it opens
+    max_staleness: int = 2  # rounds; older updates are refused
+    max_body_bytes: int = 16 * 2**20
+    token_hours: float = 72.0
+    lease_seconds: float = 600.0  # a claim on an aggregation older than this is taken over
+    max_skew_s: int = 300
+    beta: float = 0.3
+
+    @classmethod
+    def from_dict(cls, doc: dict) -> "Config":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in doc.items() if k in names})
+
+
+class Home:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).expanduser()
+
+    keys = property(lambda self: self.root / "keys")
+    signing_key_path = property(lambda self: self.keys / "server_ed25519.pem")
+    public_key_path = property(lambda self: self.keys / "server_ed25519.pub")
+    hpke_path = property(lambda self: self.keys / "hpke.json")
+    blobs = property(lambda self: self.root / "blobs")
+    config_path = property(lambda self: self.root / "config.json")
+
+    def init(self, config: Config, force: bool = False) -> None:
+        if self.signing_key_path.exists() and not force:
+            raise BadInput(f"{self.root}: already initialised (keys exist); refusing to replace them")
+        self.keys.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.keys, 0o700)
+        key = generate_key()
+        save_private_key(key, self.signing_key_path)
+        save_public_key(key.public_key(), self.public_key_path)
+        HpkePrivate.generate().save(self.hpke_path)
+        self.blobs.mkdir(parents=True, exist_ok=True)
+        self.save_config(config)
+
+    def save_config(self, config: Config) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.config_path, json.dumps(asdict(config), indent=2).encode(), mode=0o600)
+
+    def config(self) -> Config:
+        if not self.config_path.exists():
+            raise BadInput(f"{self.root}: not a server folder (run `edge-server init --home {self.root}` first)")
+        try:
+            return Config.from_dict(json.loads(self.config_path.read_text()))
+        except (OSError, ValueError, TypeError) as exc:
+            raise BadInput(f"{self.config_path}: unreadable configuration ({exc})") from exc
+
+    def db_url(self, override: str | None = None) -> str:
+        return override or self.config().db_url or f"sqlite:///{self.root / 'server.db'}"
+
+    def signing_key(self):
+        return load_private_key(self.signing_key_path)
+
+    def hpke(self) -> HpkePrivate:
+        return HpkePrivate.load(self.hpke_path)

@@ -1,0 +1,347 @@
+"""What the server does, without HTTP: enroll, authenticate, receive an update, publish versions.
+
+Every refusal is a :class:`Refusal` with an HTTP status and a reason; nothing is stored before every
+check has passed (the sealed blob is written, then one transaction records the update).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import secrets
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from sqlalchemy import func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from edge_runtime import MODALITIES
+from edge_runtime.bundle import MANIFEST, load_bundle, sign_manifest
+from edge_runtime.errors import BadInput
+from edge_runtime.keys import key_id
+from edge_runtime.sync import protocol
+from edge_runtime.sync.hpke import SealError, open_sealed
+
+from . import db
+from .blobs import BlobStore
+from .home import Config, Home
+
+
+class Refusal(Exception):
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status, self.reason = status, reason
+
+
+@dataclass
+class Accepted:
+    status: str  # "stored" | "already have it"
+    update_id: str
+    round: int
+    staleness: int
+
+
+def raw_public(key: Ed25519PublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+class Server:
+    def __init__(self, home: Home, db_url: str | None = None) -> None:
+        self.home = home
+        self.config: Config = home.config()
+        self.engine = db.make_engine(home.db_url(db_url))
+        db.create_all(self.engine)
+        self.blobs = BlobStore(home.blobs)
+        self.signing_key = home.signing_key()
+        self.public_key = self.signing_key.public_key()
+        self.key_id = key_id(self.public_key)
+        self.hpke = home.hpke()
+        self.hpke_public = self.hpke.public()
+        self._heads: dict[int, dict[str, np.ndarray]] = {}
+
+    # ------------------------------------------------------------ enrollment
+
+    def issue_token(self, clinic: str) -> str:
+        if not protocol.NAME_RE.match(clinic):
+            raise BadInput(f"clinic name {clinic!r} must be 1-64 letters, digits, '.', '_' or '-'")
+        secret = secrets.token_urlsafe(32)
+        t = db.now()
+        with self.engine.begin() as conn:
+            conn.execute(insert(db.tokens).values(secret_hash=protocol.token_hash(secret), clinic=clinic, created_at=t,
+                                                  expires_at=t + self.config.token_hours * 3600))
+        return protocol.make_token(clinic, secret, self.key_id)
+
+    def server_identity(self) -> dict:
+        hpke_pub = self.hpke_public.to_dict()
+        return {
+            "server_key": base64.b64encode(raw_public(self.public_key)).decode(), "server_key_id": self.key_id,
+            "hpke_public": hpke_pub,
+            "hpke_signature": base64.b64encode(self.signing_key.sign(self.hpke_public.canonical())).decode(),
+        }
+
+    def enroll(self, headers, method: str, path: str, body: bytes, token: str, public_key_b64: str) -> dict:
+        try:
+            clinic, secret, fpr = protocol.parse_token(token)
+            pub = Ed25519PublicKey.from_public_bytes(base64.b64decode(public_key_b64, validate=True))
+        except (BadInput, ValueError) as exc:
+            raise Refusal(400, f"enrollment refused: {exc}") from exc
+        if fpr != self.key_id:
+            raise Refusal(401, "enrollment refused: the token names another server key")
+        try:  # proof of possession of the clinic key, fresh
+            signer, nonce, ts = protocol.check_request(headers, method, path, body, pub, max_skew=self.config.max_skew_s)
+        except protocol.AuthError as exc:
+            raise Refusal(401, f"enrollment refused: {exc}") from exc
+        if signer != clinic:
+            raise Refusal(401, "enrollment refused: the request is signed for another clinic than the token's")
+        t = db.now()
+        with self.engine.begin() as conn:
+            n = conn.execute(update(db.tokens).where(db.tokens.c.secret_hash == protocol.token_hash(secret),
+                                                     db.tokens.c.clinic == clinic, db.tokens.c.used_at.is_(None),
+                                                     db.tokens.c.expires_at > t).values(used_at=t)).rowcount
+            if n != 1:
+                raise Refusal(401, "enrollment refused: unknown, expired or already used token")
+            row = conn.execute(select(db.clinics).where(db.clinics.c.name == clinic)).first()
+            if row is not None and row.revoked_at is not None:
+                raise Refusal(403, f"enrollment refused: clinic {clinic!r} is revoked")
+            values = {"public_key": raw_public(pub).hex(), "enrolled_at": t}
+            if row is None:
+                conn.execute(insert(db.clinics).values(name=clinic, **values))
+            else:  # re-enrollment with a fresh token: a new clinic key replaces the old one
+                conn.execute(update(db.clinics).where(db.clinics.c.name == clinic).values(**values))
+            self._remember_nonce(conn, clinic, nonce, ts)
+        return {"clinic": clinic, **self.server_identity()}
+
+    def revoke(self, clinic: str) -> bool:
+        with self.engine.begin() as conn:
+            return conn.execute(update(db.clinics).where(db.clinics.c.name == clinic, db.clinics.c.revoked_at.is_(None))
+                                .values(revoked_at=db.now())).rowcount == 1
+
+    # ------------------------------------------------------------ signed requests
+
+    def authenticate(self, headers, method: str, path: str, body: bytes) -> tuple[str, Ed25519PublicKey]:
+        clinic = headers.get(protocol.H_CLINIC)
+        if not clinic:
+            raise Refusal(401, "request is not signed (no X-DWFL-Clinic header)")
+        with self.engine.connect() as conn:
+            row = conn.execute(select(db.clinics).where(db.clinics.c.name == clinic)).first()
+        if row is None:
+            raise Refusal(401, f"unknown clinic {clinic[:64]!r} (enroll first)")
+        pub = Ed25519PublicKey.from_public_bytes(bytes.fromhex(row.public_key))
+        try:
+            _, nonce, ts = protocol.check_request(headers, method, path, body, pub, max_skew=self.config.max_skew_s)
+        except protocol.AuthError as exc:
+            raise Refusal(401, str(exc)) from exc
+        if row.revoked_at is not None:
+            raise Refusal(403, f"clinic {clinic!r} is revoked")
+        with self.engine.begin() as conn:
+            self._remember_nonce(conn, clinic, nonce, ts)
+        return clinic, pub
+
+    def _remember_nonce(self, conn, clinic: str, nonce: str, ts: int) -> None:
+        try:
+            with conn.begin_nested():
+                conn.execute(insert(db.nonces).values(clinic=clinic, nonce=nonce, ts=ts))
+        except IntegrityError:
+            raise Refusal(401, "reused nonce (replayed request)") from None
+
+    def forget_old_nonces(self) -> int:
+        cutoff = int(db.now()) - 2 * self.config.max_skew_s
+        with self.engine.begin() as conn:
+            return conn.execute(db.nonces.delete().where(db.nonces.c.ts < cutoff)).rowcount
+
+    # ------------------------------------------------------------ versions and rounds
+
+    def latest_version(self, conn=None) -> dict | None:
+        def q(c):
+            row = c.execute(select(db.versions).order_by(db.versions.c.version.desc()).limit(1)).first()
+            return dict(row._mapping) if row else None
+        if conn is not None:
+            return q(conn)
+        with self.engine.connect() as c:
+            return q(c)
+
+    def manifest(self, version: int) -> dict:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(db.versions).where(db.versions.c.version == version)).first()
+        if row is None:
+            raise Refusal(404, f"no model version {version}")
+        return json.loads(self.blobs.get(row.manifest_sha256))
+
+    def head_params(self, version: int) -> dict[str, np.ndarray]:
+        if version not in self._heads:
+            m = self.manifest(version)
+            data = self.blobs.get(m["files"][m["head"]["weights"]]["sha256"])
+            with np.load(io.BytesIO(data), allow_pickle=False) as z:
+                self._heads[version] = {k: np.asarray(z[k], dtype=np.float32) for k in z.files}
+        return self._heads[version]
+
+    def current_round(self, conn=None) -> dict | None:
+        def q(c):
+            row = c.execute(select(db.rounds).order_by(db.rounds.c.id.desc()).limit(1)).first()
+            return dict(row._mapping) if row else None
+        if conn is not None:
+            return q(conn)
+        with self.engine.connect() as c:
+            return q(c)
+
+    def status(self) -> dict:
+        v, r = self.latest_version(), self.current_round()
+        if v is None:
+            raise Refusal(404, "no model published yet (edge-server publish BUNDLE)")
+        return {"version": v["version"], "model_version": v["model_version"],
+                "round": None if r is None else {k: r[k] for k in ("id", "base_version", "state", "deadline", "min_clients", "n_updates")}}
+
+    def publish_manifest(self, body: dict, files: dict[str, bytes], round_id: int | None, conn) -> int:
+        """Store files as blobs and a manifest signed by the server key as the next version."""
+        listing = {}
+        for name, data in sorted(files.items()):
+            listing[name] = {"sha256": self.blobs.put(data), "size": len(data)}
+        latest = self.latest_version(conn)
+        version = (latest["version"] if latest else 0) + 1
+        manifest = sign_manifest({**body, "files": listing, "server_version": version}, self.signing_key)
+        data = json.dumps(manifest, indent=2, sort_keys=True).encode()
+        sha = self.blobs.put(data)
+        conn.execute(insert(db.versions).values(version=version, model_version=manifest["model_version"], manifest_sha256=sha,
+                                                round=round_id, created_at=db.now()))
+        return version
+
+    def open_round(self, conn, base_version: int) -> int:
+        cur = self.current_round(conn)
+        rid = (cur["id"] if cur else 0) + 1
+        t = db.now()
+        conn.execute(insert(db.rounds).values(id=rid, base_version=base_version, state="open", opened_at=t,
+                                              deadline=t + self.config.round_seconds, min_clients=self.config.min_clients,
+                                              n_updates=0))
+        return rid
+
+    def publish_bundle(self, bundle_dir: Path, trusted_key: Ed25519PublicKey) -> tuple[int, int]:
+        """The starting global model: verify it with the exporter's key, re-sign with the server key,
+        close any open round and open a new one on it."""
+        bundle = load_bundle(bundle_dir, trusted_key)
+        if "weights" not in bundle.manifest.get("head", {}):
+            raise BadInput(f"{bundle_dir}: bundle has no head weights (head.npz) to federate")
+        body = {k: v for k, v in bundle.manifest.items() if k not in ("signature", "files")}
+        files = {name: bundle.path(name).read_bytes() for name in bundle.manifest["files"]}
+        with self.engine.begin() as conn:
+            version = self.publish_manifest(body, files, None, conn)
+            conn.execute(update(db.rounds).where(db.rounds.c.state == "open").values(state="closed", closed_at=db.now(),
+                                                                                    report={"superseded_by": version}))
+            rid = self.open_round(conn, version)
+        return version, rid
+
+    # ------------------------------------------------------------ updates
+
+    def receive_update(self, clinic: str, clinic_key: Ed25519PublicKey, env: protocol.Envelope) -> Accepted:
+        if env.clinic != clinic:
+            raise Refusal(403, "envelope names another clinic than the request's signer")
+        try:
+            env.check(clinic_key)
+            sealed = env.sealed_bytes()
+        except protocol.AuthError as exc:
+            raise Refusal(401, str(exc)) from exc
+        except (BadInput, ValueError) as exc:
+            raise Refusal(422, f"malformed envelope: {exc}") from exc
+        with self.engine.connect() as conn:
+            dup = conn.execute(select(db.updates).where(db.updates.c.update_id == env.update_id)).first()
+            cur = self.current_round(conn)
+            sent = conn.execute(select(db.rounds).where(db.rounds.c.id == env.round)).first()
+        if dup is not None:
+            if dup.clinic != clinic:
+                raise Refusal(409, "update id already used by another clinic")
+            return Accepted("already have it", env.update_id, dup.round, dup.staleness)
+        if sent is None or cur is None:
+            raise Refusal(404, f"unknown round {env.round}")
+        if sent.base_version != env.base_version:
+            raise Refusal(409, f"round {env.round} is based on version {sent.base_version}, not {env.base_version}")
+        if cur["state"] != "open":
+            raise Refusal(503, f"round {cur['id']} is being aggregated; retry shortly")
+        staleness = cur["id"] - env.round
+        if staleness > self.config.max_staleness:
+            raise Refusal(409, f"update for round {env.round} is too stale ({staleness} rounds > {self.config.max_staleness})")
+        with self.engine.connect() as conn:
+            if conn.execute(select(db.updates.c.update_id).where(db.updates.c.clinic == clinic, db.updates.c.round == cur["id"])).first():
+                raise Refusal(409, f"clinic {clinic!r} already sent an update for round {cur['id']}")
+        try:
+            plain = open_sealed(sealed, self.hpke, env.info(), env.kem)
+        except SealError as exc:
+            raise Refusal(422, str(exc)) from exc
+        meta = self.check_update(plain, env)
+        sha = self.blobs.put(sealed)  # content-addressed: a blob without a row is harmless
+        try:
+            with self.engine.begin() as conn:
+                n = conn.execute(update(db.rounds).where(db.rounds.c.id == cur["id"], db.rounds.c.state == "open")
+                                 .values(n_updates=db.rounds.c.n_updates + 1)).rowcount
+                if n != 1:
+                    raise Refusal(503, f"round {cur['id']} closed meanwhile; retry shortly")
+                conn.execute(insert(db.updates).values(
+                    update_id=env.update_id, clinic=clinic, round=cur["id"], sent_round=env.round, staleness=staleness,
+                    kem=env.kem, blob_sha256=sha, meta=meta, received_at=db.now()))
+        except IntegrityError:
+            with self.engine.connect() as conn:
+                dup = conn.execute(select(db.updates).where(db.updates.c.update_id == env.update_id)).first()
+            if dup is not None and dup.clinic == clinic:
+                return Accepted("already have it", env.update_id, dup.round, dup.staleness)
+            raise Refusal(409, f"clinic {clinic!r} already sent an update for round {cur['id']}") from None
+        return Accepted("stored", env.update_id, cur["id"], staleness)
+
+    def check_update(self, plain: bytes, env: protocol.Envelope) -> dict:
+        """Decode and validate the opened update: names, shapes, finite values, metadata."""
+        reference = self.head_params(env.base_version)
+        limit = 4 * sum(v.nbytes for v in reference.values()) + 2**16
+        try:
+            with zipfile.ZipFile(io.BytesIO(plain)) as zf:
+                if sum(i.file_size for i in zf.infolist()) > limit:
+                    raise Refusal(422, "update is larger than the model it claims to change")
+            with np.load(io.BytesIO(plain), allow_pickle=False) as z:
+                meta = json.loads(bytes(z["meta.json"]).decode())
+                delta = {k[len("delta/"):]: z[k] for k in z.files if k.startswith("delta/")}
+        except Refusal:
+            raise
+        except Exception as exc:  # noqa: BLE001 - anything unreadable is refused, whatever numpy raised
+            raise Refusal(422, f"update is not a readable .npz with meta.json ({type(exc).__name__})") from None
+        if set(delta) != set(reference):
+            raise Refusal(422, f"update parameter names differ from the model's ({sorted(set(delta) ^ set(reference))[:3]})")
+        for name, ref in reference.items():
+            arr = delta[name]
+            if arr.shape != ref.shape:
+                raise Refusal(422, f"wrong shape for {name}: {arr.shape} != {ref.shape}")
+            if arr.dtype.kind != "f" or not np.all(np.isfinite(arr)):
+                raise Refusal(422, f"{name}: non-finite or non-float values")
+        try:
+            n, loss = int(meta["n"]), float(meta["val_loss"])
+            fractions = {m: float(meta.get("modality_fraction", {}).get(m, 0.0)) for m in MODALITIES}
+            sigma = float(meta.get("noise_multiplier", 0.0))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise Refusal(422, f"update metadata is malformed ({exc!r})") from None
+        if not (0 < n <= 10**9) or not np.isfinite(loss) or loss < 0 or not np.isfinite(sigma) or sigma < 0 \
+                or not all(0.0 <= f <= 1.0 for f in fractions.values()):
+            raise Refusal(422, "update metadata out of range (n > 0, finite loss >= 0, fractions in [0, 1], sigma >= 0)")
+        if meta.get("update_id", env.update_id) != env.update_id:
+            raise Refusal(422, "update id inside the sealed update differs from the envelope's")
+        return {"n": n, "val_loss": loss, "modality_fraction": fractions, "noise_multiplier": sigma,
+                "sha256_plain": hashlib.sha256(plain).hexdigest()}
+
+    def read_update(self, row) -> tuple[dict, dict[str, np.ndarray]]:
+        sealed = self.blobs.get(row.blob_sha256)
+        with self.engine.connect() as conn:
+            sent = conn.execute(select(db.rounds.c.base_version).where(db.rounds.c.id == row.sent_round)).scalar_one()
+        info = protocol.Envelope(row.update_id, row.clinic, row.sent_round, sent, row.kem, "", "").info()
+        plain = open_sealed(sealed, self.hpke, info, row.kem)
+        with np.load(io.BytesIO(plain), allow_pickle=False) as z:
+            return row.meta, {k[len("delta/"):]: np.asarray(z[k], dtype=np.float32) for k in z.files if k.startswith("delta/")}
+
+    def rounds_report(self) -> list[dict]:
+        with self.engine.connect() as conn:
+            rs = [dict(r._mapping) for r in conn.execute(select(db.rounds).order_by(db.rounds.c.id))]
+            for r in rs:
+                r["arrivals"] = [{"clinic": u.clinic, "update_id": u.update_id, "staleness": u.staleness, "n": u.meta.get("n"),
+                                  "received_at": u.received_at}
+                                 for u in conn.execute(select(db.updates).where(db.updates.c.round == r["id"]).order_by(db.updates.c.received_at))]
+            counts = conn.execute(select(func.count()).select_from(db.updates)).scalar_one()
+        return rs if counts is not None else rs
