@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import png_path, write_result  # noqa: E402
+from benchmarks.common import png_path, run_json, write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,11 +51,7 @@ print(json.dumps({"peak_rss_mb": round(peak_rss_mb(), 1), "cases": reader.count,
 
 
 def run(manifest: Path, modality: str, count: int, method: str) -> dict:
-    proc = subprocess.run([sys.executable, "-c", WORKER, str(manifest), modality, str(count), method],
-                          capture_output=True, text=True, cwd=ROOT)
-    if proc.returncode != 0:
-        raise SystemExit(proc.stderr[-3000:])
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_json([sys.executable, "-c", WORKER, str(manifest), modality, str(count), method], ROOT)
 
 
 def main() -> None:

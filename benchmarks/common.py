@@ -45,3 +45,13 @@ def write_result(name: str, figures: dict, extra: dict | None = None) -> Path:
 def png_path(name: str) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     return RESULTS / f"{name}.png"
+
+
+def run_json(cmd: list[str], cwd: Path | None = None) -> dict:
+    """Run a measurement in a fresh process; its last stdout line is a JSON object."""
+    import subprocess
+
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd or RESULTS.parent.parent)
+    if proc.returncode != 0:
+        raise SystemExit(proc.stderr[-3000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import png_path, write_result  # noqa: E402
+from benchmarks.common import png_path, run_json, write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,11 +65,7 @@ print(json.dumps({"model_ms": percentiles(times), "per_modality_ms": {m: percent
 
 
 def torch_run(what: str, config: str, ckpt: str, runs: int, threads: int, pre_file: Path) -> dict:
-    proc = subprocess.run([sys.executable, "-c", TORCH_WORKER, what, config, ckpt, str(runs), str(threads), str(pre_file)],
-                          capture_output=True, text=True, cwd=ROOT)
-    if proc.returncode != 0:
-        raise SystemExit(proc.stderr[-3000:])
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_json([sys.executable, "-c", TORCH_WORKER, what, config, ckpt, str(runs), str(threads), str(pre_file)], ROOT)
 
 
 def main() -> None:

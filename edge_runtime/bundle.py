@@ -16,7 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
 
 from .errors import BundleError
 from .fsutil import fsync_tree, replace_dir, sha256_file

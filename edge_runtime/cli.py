@@ -15,8 +15,8 @@ from .errors import BadInput, BundleError
 from .finetune.state import DEFAULT_STATE, State, bundle_head_key
 from .keys import load_public_key
 from .manifest import load_case, read_manifest
-from .model import EdgeModel
 from .measure import Request, measure
+from .model import EdgeModel
 from .profiling import WARMUP_CASES, profile
 from .select import Measured, choose
 from .synthetic import InputSpec, SynthConfig, SyntheticCohort, parse_case_id

@@ -7,7 +7,6 @@ from dataclasses import dataclass, field, replace
 from edge_runtime.errors import BadInput
 from edge_runtime.synthetic import InputSpec
 
-
 # First synthetic case index of the validation and test splits (training starts at 0).
 VAL_START, TEST_START = 500_000, 1_000_000
 

@@ -20,16 +20,16 @@ import torch
 
 from edge_runtime import MODALITIES
 from edge_runtime.bundle import default_public_key_path, write_bundle
-from edge_runtime.errors import BadInput
 from edge_runtime.cpuinfo import this_cpu
+from edge_runtime.errors import BadInput
 from edge_runtime.fsutil import sha256_file, write_atomic
-from edge_runtime.measure import Request
 from edge_runtime.keys import (
     generate_key,
     load_private_key,
     save_private_key,
     save_public_key,
 )
+from edge_runtime.measure import Request
 from edge_runtime.metrics import roc_auc
 from edge_runtime.model import EdgeModel
 from edge_runtime.preprocess import Preprocessing
@@ -41,8 +41,8 @@ from .data import PreparedCases, collate
 from .federated import Federation, FederationSpec, Site
 from .head_weights import save_head_weights
 from .models import Student, Teacher, count_flops, count_parameters
-from .report import REPORTED, plot_candidates
 from .onnx_export import export_student
+from .report import REPORTED, plot_candidates
 from .stats import fit_preprocessing
 from .train import distill, load_pretrained, positive_probability, train_teacher
 

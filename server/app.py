@@ -11,7 +11,6 @@ from __future__ import annotations
 import threading
 
 import anyio
-
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError

@@ -4,10 +4,9 @@ fsynced and renamed, so a blob is either whole or absent; writing one twice is a
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
-from edge_runtime.fsutil import fsync_dir
+from edge_runtime.fsutil import write_atomic
 
 
 class BlobStore:
@@ -26,18 +25,7 @@ class BlobStore:
         if dest.exists():
             return sha
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, dest)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        fsync_dir(dest.parent)
+        write_atomic(dest, data, mode=0o600)  # temporary name, fsync, rename, fsync the folder
         return sha
 
     def get(self, sha: str) -> bytes:

@@ -16,7 +16,12 @@ from pathlib import Path
 
 from edge_runtime.errors import BadInput
 from edge_runtime.fsutil import write_atomic
-from edge_runtime.keys import generate_key, load_private_key, save_private_key, save_public_key
+from edge_runtime.keys import (
+    generate_key,
+    load_private_key,
+    save_private_key,
+    save_public_key,
+)
 from edge_runtime.sync.hpke import HpkePrivate
 
 HOME_ENV = "EDGE_SERVER_HOME"

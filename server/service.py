@@ -22,7 +22,7 @@ from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from edge_runtime import MODALITIES
-from edge_runtime.bundle import MANIFEST, load_bundle, sign_manifest
+from edge_runtime.bundle import load_bundle, sign_manifest
 from edge_runtime.errors import BadInput
 from edge_runtime.keys import key_id
 from edge_runtime.sync import protocol

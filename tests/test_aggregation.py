@@ -7,8 +7,17 @@ import numpy as np
 import pytest
 
 from federation.aggregation import (
-    DWFL, ClientUpdate, FedAvg, FedAvgM, FedProx, UpdateMeta, data_shares, dwfl_weights, dynamic_shares,
-    from_list, staleness_discount,
+    DWFL,
+    ClientUpdate,
+    FedAvg,
+    FedAvgM,
+    FedProx,
+    UpdateMeta,
+    data_shares,
+    dwfl_weights,
+    dynamic_shares,
+    from_list,
+    staleness_discount,
 )
 
 GLOBAL = {"enc.ct.w": np.zeros((2, 2), np.float32), "head.w": np.zeros(3, np.float32)}

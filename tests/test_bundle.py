@@ -4,9 +4,21 @@ import stat
 
 import pytest
 
-from edge_runtime.bundle import MANIFEST, default_public_key_path, load_bundle, write_bundle
+from edge_runtime.bundle import (
+    MANIFEST,
+    default_public_key_path,
+    load_bundle,
+    write_bundle,
+)
 from edge_runtime.errors import BundleError
-from edge_runtime.keys import generate_key, key_id, load_private_key, load_public_key, save_private_key, save_public_key
+from edge_runtime.keys import (
+    generate_key,
+    key_id,
+    load_private_key,
+    load_public_key,
+    save_private_key,
+    save_public_key,
+)
 from edge_runtime.preprocess import CTSpec, GenomicsSpec, PathologySpec, Preprocessing
 
 PRE = Preprocessing(CTSpec((2, 2, 2), (1.0, 1.0, 1.0)), PathologySpec(4, (0.5,) * 3, (0.2,) * 3), GenomicsSpec(("A",), (0.0,), (1.0,)))

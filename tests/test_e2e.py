@@ -13,7 +13,6 @@ from edge_runtime.bundle import MANIFEST
 
 from .conftest import edge_export, edge_run
 
-
 VARIANTS = {"fp32", "int8", "int8_ct_stem_fp32", "int8_ct_3d_fp32", "int8_ct_stem_fp32_entropy", "int8_ct_stem_fp32_percentile"}
 
 

@@ -10,7 +10,12 @@ from edge_runtime import MODALITIES
 from edge_runtime.synthetic import SynthConfig, SyntheticCohort
 from export.config import MICRO
 from export.models import Student
-from export.onnx_export import ExportError, check_parity, encoder_input_shape, export_student
+from export.onnx_export import (
+    ExportError,
+    check_parity,
+    encoder_input_shape,
+    export_student,
+)
 from export.stats import fit_preprocessing
 from quantize.calibration import StreamingReader
 from quantize.static import quantize_int8

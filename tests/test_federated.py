@@ -166,12 +166,12 @@ def test_centralized_and_local_baselines(tmp_path):
 def test_auxiliary_risk_task_trains_only_when_weighted():
     import torch
 
-    from export.data import collate
-    from export.models import Teacher
-    from export.train import teacher_loss
     from edge_runtime.preprocess import Preprocessing
     from edge_runtime.synthetic import SynthConfig, SyntheticCohort
+    from export.data import collate
+    from export.models import Teacher
     from export.stats import fit_preprocessing
+    from export.train import teacher_loss
 
     cohort = SyntheticCohort(SynthConfig(seed=0, spec=CFG.input))
     cases = list(cohort.iter_cases(0, 6))

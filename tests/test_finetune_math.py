@@ -11,7 +11,12 @@ from dp_accounting import rdp
 
 from edge_runtime.finetune import dpsgd
 from edge_runtime.finetune.head import forward, losses, param_shapes, per_example_grads
-from edge_runtime.privacy.accountant import BudgetExhausted, RoundEvents, epsilon, plan_round
+from edge_runtime.privacy.accountant import (
+    BudgetExhausted,
+    RoundEvents,
+    epsilon,
+    plan_round,
+)
 from edge_runtime.privacy.ledger import Ledger, LedgerError
 
 DIM, CLASSES = 6, 2

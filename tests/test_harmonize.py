@@ -1,7 +1,13 @@
 import numpy as np
 import pytest
 
-from edge_runtime.harmonize import AIR_HU, axis_matrix, interpolation_matrix, resample_slices, resample_volume
+from edge_runtime.harmonize import (
+    AIR_HU,
+    axis_matrix,
+    interpolation_matrix,
+    resample_slices,
+    resample_volume,
+)
 
 
 def test_identity_when_grid_and_spacing_match():

@@ -3,7 +3,14 @@ import pytest
 
 from edge_runtime.errors import BadInput
 from edge_runtime.preprocess import (
-    CTSpec, GenomicsSpec, PathologySpec, Preprocessing, prepare_case, prepare_ct, prepare_genomics, prepare_tiles,
+    CTSpec,
+    GenomicsSpec,
+    PathologySpec,
+    Preprocessing,
+    prepare_case,
+    prepare_ct,
+    prepare_genomics,
+    prepare_tiles,
 )
 from edge_runtime.synthetic import Case
 

@@ -23,7 +23,13 @@ from edge_runtime.sync import protocol
 from edge_runtime.sync.client import Client, enroll
 from edge_runtime.sync.hpke import seal
 
-from .server_util import ServerProcess, edge_server, fresh_database, postgres_base_url, write_fake_update
+from .server_util import (
+    ServerProcess,
+    edge_server,
+    fresh_database,
+    postgres_base_url,
+    write_fake_update,
+)
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +208,8 @@ def test_kill9_during_upload_and_during_aggregation(tmp_path, micro_out, db_url,
 
 def test_one_aggregator_per_round(tmp_path, micro_out, db_url, head):
     """Two server processes' claims on one round: exactly one wins (atomic UPDATE ... WHERE state='open')."""
-    from server import db, rounds as rounds_mod
+    from server import db
+    from server import rounds as rounds_mod
     from server.home import Home
     from server.service import Server
 

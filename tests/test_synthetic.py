@@ -5,7 +5,13 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
 from edge_runtime.errors import BadInput
-from edge_runtime.synthetic import InputSpec, SynthConfig, SyntheticCohort, case_id, parse_case_id
+from edge_runtime.synthetic import (
+    InputSpec,
+    SynthConfig,
+    SyntheticCohort,
+    case_id,
+    parse_case_id,
+)
 
 SMALL = InputSpec(ct_grid=(16, 64, 64), tile=112, n_genes=200)
 

@@ -21,7 +21,6 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 
 import numpy as np
 
@@ -32,7 +31,7 @@ from ..manifest import Manifest, load_case, parse_label
 from ..metrics import roc_auc
 from ..model import EdgeModel
 from ..preprocess import prepare_case
-from ..privacy.accountant import BudgetExhausted, RoundEvents, epsilon, plan_round
+from ..privacy.accountant import BudgetExhausted, epsilon, plan_round
 from ..privacy.ledger import Ledger, LedgerError
 from ..profiling import peak_rss_mb
 from . import dpsgd

@@ -26,10 +26,23 @@ from pathlib import Path
 import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from ..bundle import MANIFEST, Bundle, _check_member_name, _verify_signature, load_bundle
+from ..bundle import (
+    MANIFEST,
+    Bundle,
+    _check_member_name,
+    _verify_signature,
+    load_bundle,
+)
 from ..errors import BadInput, BundleError, Refused
-from ..fsutil import replace_dir, sha256_file, write_atomic
-from ..keys import generate_key, key_id, load_private_key, load_public_key, save_private_key, save_public_key
+from ..fsutil import replace_dir, write_atomic
+from ..keys import (
+    generate_key,
+    key_id,
+    load_private_key,
+    load_public_key,
+    save_private_key,
+    save_public_key,
+)
 from . import protocol
 from .hpke import DEFAULT_KEM, KEMS, HpkePublic, seal
 
@@ -138,7 +151,7 @@ class Client:
                     raise Refused(f"cannot fetch {name} of version {version}: HTTP {r.status_code}: {reason(r)}")
                 dest.write_bytes(r.content)
             (tmp / MANIFEST).write_bytes(raw)
-            bundle = load_bundle(tmp, self.server_key)  # signature and every file's SHA-256
+            load_bundle(tmp, self.server_key)  # signature and every file's SHA-256
             replace_dir(tmp, folder)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

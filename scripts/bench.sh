@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Rerun every benchmark (results in benchmarks/results/NAME.json + NAME.png). Needs the demo's
+# bundle (bash scripts/demo.sh, or: edge-export pipeline --out demo-out --config tiny) and the dev
+# venv (.venv with '.[export,dev,server]'). Slow ones last; FAST=1 skips the federation table (~1 h).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PY:-.venv/bin/python}"
+OUT="${OUT:-demo-out}"
+$PY benchmarks/reader_memory.py
+$PY benchmarks/edge_profile.py --bundle "$OUT/bundle" --cases 200
+$PY benchmarks/edge_vs_teacher.py --out "$OUT"
+$PY benchmarks/calibration_memory.py --bundle "$OUT/bundle"
+$PY benchmarks/finetune_memory.py --bundle "$OUT/bundle"
+$PY benchmarks/finetune_utility.py --bundle "$OUT/bundle"
+$PY benchmarks/server_load.py
+$PY benchmarks/seed_protocol.py
+if [ -z "${FAST:-}" ]; then
+  $PY benchmarks/federation_noniid.py --seeds 0,1,2 --rounds 6
+fi
