@@ -148,8 +148,16 @@ class EmbeddingCache:
         del view
         if hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
             mm.madvise(mmap.MADV_DONTNEED)
-        masks = np.fromfile(self.mask_path, dtype=np.uint8).reshape(self.rows, self.n_mod)[rows].astype(np.float32)
-        return emb, masks
+        return emb, self.read_masks(rows)
+
+    def read_masks(self, rows: np.ndarray) -> np.ndarray:
+        """Modality masks (len(rows), M) as float32, read through a memory map: one byte per modality."""
+        if not self.rows:
+            return np.zeros((0, self.n_mod), np.float32)
+        masks = np.memmap(self.mask_path, dtype=np.uint8, mode="r", shape=(self.rows, self.n_mod))
+        out = masks[np.asarray(rows, dtype=np.int64)].astype(np.float32)
+        del masks
+        return out
 
     def close(self) -> None:
         self._close_map()

@@ -211,9 +211,7 @@ def finetune(bundle: Bundle, manifest: Manifest, state: State, opts: FinetuneOpt
                        f"{len(rejected)} rejected) for a round with both classes in each split")
     start_eval = evaluate(start_params, cache, va_rows, va_labels)
     active_eval = evaluate(active_params, cache, va_rows, va_labels) if active_params is not None else start_eval
-    _, tr_masks = cache.read(tr_rows)
-    modality_counts = tr_masks.sum(axis=0)
-    del tr_masks
+    modality_counts = cache.read_masks(tr_rows).sum(axis=0)  # masks only: no embedding is loaded for this
 
     # 4. plan, charge (fsync), train
     try:
