@@ -149,3 +149,74 @@ def test_fuzz_signed_but_malformed_bundle_manifest(tmp_path_factory, doc):
         return
     (folder / MANIFEST).write_text(json.dumps(sign_manifest(doc, KEY)))
     _only_clean_errors(load_bundle, folder, KEY.public_key())
+
+
+# ------------------------------------------------------------------ sync protocol (what the server parses)
+
+_KEY = generate_key()
+
+
+@SETTINGS
+@given(st.text(max_size=200))
+def test_fuzz_enrollment_token(text):
+    from edge_runtime.sync.protocol import parse_token
+
+    try:
+        clinic, secret, fpr = parse_token(text)
+    except BadInput:
+        return
+    assert clinic and len(secret) >= 20 and len(fpr) == 64
+
+
+@SETTINGS
+@given(st.dictionaries(st.sampled_from(["X-DWFL-Clinic", "X-DWFL-Timestamp", "X-DWFL-Nonce", "X-DWFL-Signature"]),
+                       st.text(max_size=120)), st.binary(max_size=64))
+def test_fuzz_request_signature_headers(headers, body):
+    from edge_runtime.sync.protocol import AuthError, check_request
+
+    try:
+        check_request(headers, "POST", "/v1/updates", body, _KEY.public_key(), now=1.7e9)
+    except AuthError:
+        return
+    raise AssertionError("a forged request was accepted")
+
+
+@SETTINGS
+@given(st.text(max_size=40), st.integers(-2, 2**40), st.sampled_from(["x25519", "mlkem768-x25519", "rsa"]),
+       st.text(max_size=200), st.text(max_size=120))
+def test_fuzz_update_envelope(update_id, round_id, kem, sealed, signature):
+    from edge_runtime.sync.protocol import AuthError, Envelope
+
+    env = Envelope(update_id, "north", round_id, 1, kem, sealed, signature)
+    try:
+        env.check(_KEY.public_key())
+    except (AuthError, BadInput):
+        return
+    raise AssertionError("an unsigned envelope was accepted")
+
+
+@settings(SETTINGS, max_examples=min(SETTINGS.max_examples, 30))
+@given(st.binary(max_size=2000))
+def test_fuzz_sealed_update(ciphertext):
+    from edge_runtime.sync.hpke import HpkePrivate, SealError, open_sealed, seal, update_info
+
+    private = _FUZZ_HPKE
+    info = update_info("north", 1, 1, "u-1", "x25519")
+    genuine = seal(b"update", private.public(), info, "x25519")
+    for data in (ciphertext, genuine[:-1] + bytes([genuine[-1] ^ 1]), genuine[: len(genuine) // 2]):
+        try:
+            open_sealed(data, private, info, "x25519")
+        except SealError:
+            continue
+        raise AssertionError("a tampered or random ciphertext opened")
+    assert open_sealed(genuine, private, info, "x25519") == b"update"
+    assert isinstance(private, HpkePrivate)
+
+
+def _hpke():
+    from edge_runtime.sync.hpke import HpkePrivate
+
+    return HpkePrivate.generate()
+
+
+_FUZZ_HPKE = _hpke()
