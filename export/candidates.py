@@ -22,6 +22,7 @@ from edge_runtime.measure import Request, measure
 from edge_runtime.metrics import roc_auc
 from edge_runtime.model import session_options
 from edge_runtime.preprocess import Preprocessing, prepare_case
+from edge_runtime.progress import progress
 from edge_runtime.select import Measured, Selection, choose
 from edge_runtime.synthetic import SyntheticCohort
 from quantize.calibration import StreamingReader
@@ -209,14 +210,21 @@ def search(builder: Builder, request: Callable[[Variant], Request], tolerance: f
            log: Log) -> SearchResult:
     """Build and score every candidate, fall back where accuracy suffers, measure each in a fresh
     process, choose."""
-    variants = [builder.build(v) for v in default_variants(builder.fp32)]
+    variants = default_variants(builder.fp32)
+    with progress("building and scoring candidates", len(variants)) as advance:
+        for v in variants:
+            builder.build(v)
+            advance(1)
     reference = variants[0].val_auc
     for v in variants[1:]:
         if reference - v.val_auc > tolerance:
             builder.with_fallback(v, reference, tolerance, log)
+    with progress("measuring candidates (fresh process each)", len(variants)) as advance:
+        for v in variants:
+            v.parity_bound = builder.parity_bound(v)
+            v.measured = measure(request(v))
+            advance(1)
     for v in variants:
-        v.parity_bound = builder.parity_bound(v)
-        v.measured = measure(request(v))
         log(f"candidate {v.name:<30} val AUC {v.val_auc:.4f}  model p95 {v.measured['model_ms']['p95']:6.1f} ms"
             f"  case p95 {v.measured['latency_ms']['p95']:6.1f} ms  peak RSS {v.measured['peak_rss_mb']:6.1f} MB")
     table = [Measured(v.name, v.val_auc, v.measured["latency_ms"]["p95"], v.measured["model_ms"]["p95"],

@@ -26,6 +26,7 @@ from edge_runtime.errors import BadInput
 from edge_runtime.fsutil import write_atomic
 from edge_runtime.metrics import roc_auc
 from edge_runtime.preprocess import Preprocessing
+from edge_runtime.progress import progress
 from edge_runtime.synthetic import SynthConfig, SyntheticCohort
 from federation.aggregation import DWFL, STRATEGIES, ClientUpdate, UpdateMeta, from_list
 
@@ -223,6 +224,12 @@ class Federation:
             log_path.unlink()
         mu = getattr(self.strategy, "mu", 0.0)
         bs = self.cfg.batch_size
+        with progress(f"federated rounds ({spec.strategy})", (spec.rounds - start) * len(self.sites)) as advance:
+            self._rounds(start, mu, bs, device, ckpt, log_path, advance)
+        model.to("cpu").eval()
+
+    def _rounds(self, start: int, mu: float, bs: int, device: str, ckpt: Path, log_path: Path, advance) -> None:
+        spec, model = self.spec, self.model
         for rnd in range(start, spec.rounds):
             global_params = self._shared(_params(model))
             global_state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -237,6 +244,7 @@ class Federation:
                 updates.append(ClientUpdate(meta, delta))
                 state = model.state_dict()
                 site_state.append({k: state[k].detach().clone() for k in self.norms})
+                advance(1)
             result = self.strategy.aggregate(global_params, from_list(updates), branch_of)
             model.load_state_dict(global_state)
             _load_params(model, result.params)
@@ -261,7 +269,6 @@ class Federation:
                 fh.write(json.dumps(record) + "\n")
             self.log(f"round {rnd + 1}/{spec.rounds}: val AUC " + " ".join(f"{k} {v:.3f}" for k, v in site_auc.items())
                      + "  weights " + " ".join(f"{k} {v:.2f}" for k, v in result.weights["shared"].items()))
-        model.to("cpu").eval()
 
     def _site_auc(self, global_state: dict[str, torch.Tensor], site: Site, data) -> float:
         self._at_site(global_state, site)

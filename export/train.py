@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from edge_runtime.errors import BadInput
 from edge_runtime.metrics import roc_auc
+from edge_runtime.progress import progress
 
 from .config import TrainConfig
 from .data import Batch, PreparedCases
@@ -78,23 +79,25 @@ def fit(
     steps = epochs * max(1, -(-len(data) // cfg.batch_size))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     best_auc, best_state = -np.inf, None
-    for epoch in range(epochs):
-        model.train()
-        total, n = 0.0, 0
-        for batch in data.batches(_epoch_order(len(data), seed, epoch), cfg.batch_size):
-            if cfg.augment:
-                batch = dataclasses.replace(batch, inputs=augment(batch.inputs, gen))
-            mask = drop_modalities(batch.mask, cfg.modality_dropout, gen).to(device)
-            loss = loss_fn(batch.to(device), mask)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            total, n = total + loss.item() * len(batch.labels), n + len(batch.labels)
-        auc = validation_auc(model, val, cfg.batch_size, device) if val is not None and len(val) else float("nan")
-        log(f"{name} epoch {epoch + 1}/{epochs}: loss {total / max(n, 1):.4f}  validation AUC {auc:.4f}")
-        if best_state is None or not auc <= best_auc:  # NaN (no validation, or one class) keeps the latest
-            best_auc, best_state = auc, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    with progress(f"{name} training", steps) as advance:
+        for epoch in range(epochs):
+            model.train()
+            total, n = 0.0, 0
+            for batch in data.batches(_epoch_order(len(data), seed, epoch), cfg.batch_size):
+                if cfg.augment:
+                    batch = dataclasses.replace(batch, inputs=augment(batch.inputs, gen))
+                mask = drop_modalities(batch.mask, cfg.modality_dropout, gen).to(device)
+                loss = loss_fn(batch.to(device), mask)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
+                advance(1)
+                total, n = total + loss.item() * len(batch.labels), n + len(batch.labels)
+            auc = validation_auc(model, val, cfg.batch_size, device) if val is not None and len(val) else float("nan")
+            log(f"{name} epoch {epoch + 1}/{epochs}: loss {total / max(n, 1):.4f}  validation AUC {auc:.4f}")
+            if best_state is None or not auc <= best_auc:  # NaN (no validation, or one class) keeps the latest
+                best_auc, best_state = auc, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     model.to("cpu")  # export, evaluation and the clinic are CPU
     model.load_state_dict(best_state)
     model.eval()

@@ -34,6 +34,7 @@ from ..preprocess import prepare_case
 from ..privacy.accountant import BudgetExhausted, epsilon, plan_round
 from ..privacy.ledger import Ledger, LedgerError
 from ..profiling import peak_rss_mb
+from ..progress import progress
 from . import dpsgd
 from .cache import EmbeddingCache, encoder_key, fingerprint
 from .head import Params, forward, losses, softmax
@@ -230,7 +231,8 @@ def finetune(bundle: Bundle, manifest: Manifest, state: State, opts: FinetuneOpt
         return emb, mask, tr_labels[idx]
 
     t1 = time.perf_counter()
-    new_params = dpsgd.train(start_params, len(tr_rows), read, spec, rng)
+    with progress(f"DP-SGD ({spec.steps} steps)", spec.steps) as advance:
+        new_params = dpsgd.train(start_params, len(tr_rows), read, spec, rng, on_step=lambda _s, _i: advance(1))
     t_train = time.perf_counter() - t1
     meta_release = noisy_metadata(rng, len(tr_rows), modality_counts, len(va_rows), start_eval["losses"], plan.events.meta_noise_multiplier, opts.loss_clip)
 
