@@ -154,8 +154,10 @@ def train_teacher(out: Path, sites: int, rounds: int, strategy: str, config_name
 @click.option("--start", default=TEST_START, show_default=True, type=click.IntRange(min=0),
               help="First case index; the default lies outside the pipeline's training cases.")
 @click.option("--ct-format", default="dicom", show_default=True, type=click.Choice(["dicom", "nifti"]), help="How CT is written.")
+@click.option("--site", default=None, type=click.IntRange(min=0),
+              help="Draw every case from this one site of the cohort (0 .. --sites - 1), e.g. one clinic's data [default: all sites].")
 @handle_errors
-def synth(out: Path, cases: int, sites: int, seed: int, config_name: str, start: int, ct_format: str) -> None:
+def synth(out: Path, cases: int, sites: int, seed: int, config_name: str, start: int, ct_format: str, site: int | None) -> None:
     """Write synthetic cases as real files (DICOM series / NIfTI, PNG tiles, CSV expression) + manifest."""
     from edge_runtime.synthetic import SynthConfig, SyntheticCohort
 
@@ -164,8 +166,10 @@ def synth(out: Path, cases: int, sites: int, seed: int, config_name: str, start:
     cfg = get_config(config_name)
     if out.exists() and not out.is_dir():
         raise BadInput(f"{out}: exists and is not a directory")
+    if site is not None and site >= sites:
+        raise BadInput(f"--site {site} does not exist: the cohort has sites 0 .. {sites - 1}")
     cohort = SyntheticCohort(SynthConfig(seed=seed, n_sites=sites, spec=cfg.input))
-    manifest = write_cohort(cohort, out, start, cases, list(cfg.classes), ct_format)
+    manifest = write_cohort(cohort, out, start, cases, list(cfg.classes), ct_format, site)
     click.echo(f"wrote {cases} cases and {manifest}")
 
 

@@ -103,12 +103,14 @@ def write_case(case: Case, out: Path, genes: list[str], ct_format: str = "dicom"
     return row
 
 
-def write_cohort(cohort: SyntheticCohort, out: Path, start: int, count: int, classes: list[str], ct_format: str = "dicom") -> Path:
-    """Write ``count`` cases from index ``start`` and ``manifest.csv`` (written last, atomically)."""
+def write_cohort(cohort: SyntheticCohort, out: Path, start: int, count: int, classes: list[str], ct_format: str = "dicom",
+                 site: int | None = None) -> Path:
+    """Write ``count`` cases from index ``start`` (all from ``site`` when given) and ``manifest.csv``
+    (written last, atomically)."""
     out.mkdir(parents=True, exist_ok=True)
     genes = gene_names(cohort.config.spec.n_genes)
     rows = []
-    for case in cohort.iter_cases(start, count):
+    for case in cohort.iter_cases(start, count, site):
         row = write_case(case, out, genes, ct_format, cohort.config.seed)
         row["label"] = classes[case.label]
         rows.append(row)

@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Fresh machine -> end-to-end demo: export a tiny model (server side, with torch), then run it the
-# way a clinic PC does, from a second environment that has no torch at all.
+# way a clinic PC does, from a second environment that has no torch at all; end with a federation on
+# loopback (aggregation server + three clinics, two rounds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-demo-out}"
 SEED="${SEED:-0}"
 
-echo "== server side: virtual environment with the export extra (CPU torch)"
+echo "== server side: virtual environment with the export and server extras (CPU torch; FastAPI, uvicorn, SQLAlchemy)"
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q '.[export]'
+.venv/bin/python -m pip install -q '.[export,server]'
 
 echo "== edge-export pipeline: synthetic cohort -> federated teacher (DW-FL) -> student -> ONNX -> INT8 candidates measured here -> signed bundle"
 .venv/bin/edge-export pipeline --out "$OUT" --config tiny --seed "$SEED"
@@ -37,3 +38,6 @@ echo "== edge-run profile against the budgets (1.8 GB, 200 ms), with the pinned 
 .venv-clinic/bin/edge-run profile --bundle "$OUT/bundle" --cases 50 --mem-budget 1.8GB --latency-budget 200ms --json \
   --state "$OUT/state" | tee "$OUT/profile.json"
 .venv-clinic/bin/edge-run profile --bundle "$OUT/bundle" --cases 50 --state "$OUT/state"
+
+echo "== federation on loopback: edge-server + three clinics (different sites), two DP rounds, AUC before/after per clinic"
+SEED="$SEED" CONFIG=tiny bash scripts/demo_federation.sh "$OUT" .venv .venv-clinic

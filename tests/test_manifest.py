@@ -50,6 +50,23 @@ def test_some_cases_miss_modalities(tmp_path, cohort):
     assert any(not (e.ct and e.pathology and e.genomics) for e in manifest.entries)
 
 
+def test_cohort_from_one_site(tmp_path, cohort):
+    """`edge-export synth --site K`: every case of one site (one clinic's data), same ids as without."""
+    manifest = read_manifest(write_cohort(cohort, tmp_path, 0, 12, CLASSES, site=2))
+    assert {e.site for e in manifest.entries} == {"2"}
+    assert [e.case_id for e in manifest.entries] == [c.case_id for c in cohort.iter_cases(0, 12)]
+    assert [e.label for e in manifest.entries] == [CLASSES[c.label] for c in cohort.iter_cases(0, 12, site=2)]
+
+
+def test_synth_refuses_a_site_the_cohort_lacks(tmp_path):
+    from click.testing import CliRunner
+
+    from export.cli import main
+
+    result = CliRunner().invoke(main, ["synth", "--out", str(tmp_path / "x"), "--sites", "3", "--site", "3", "--config", "micro"])
+    assert result.exit_code == 2 and "--site 3" in result.output
+
+
 def _jsonl(path, rows):
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return path
