@@ -30,7 +30,6 @@ echo "== edge-run infer on the case files (hashes and signature verified first)"
 .venv-clinic/bin/edge-run infer --bundle "$OUT/bundle" --manifest "$OUT/cases/manifest.csv" --json > "$OUT/predictions.jsonl"
 echo "(JSON lines in $OUT/predictions.jsonl; the true labels are in $OUT/cases/manifest.csv)"
 
-echo "== edge-run profile against the budgets (1.8 GB, 200 ms)"
 echo "== edge-run profile --select: every variant measured on this PC in a fresh process, the best pinned in $OUT/state"
 .venv-clinic/bin/edge-run profile --bundle "$OUT/bundle" --select --cases 30 --state "$OUT/state"
 
@@ -38,6 +37,9 @@ echo "== edge-run profile against the budgets (1.8 GB, 200 ms), with the pinned 
 .venv-clinic/bin/edge-run profile --bundle "$OUT/bundle" --cases 50 --mem-budget 1.8GB --latency-budget 200ms --json \
   --state "$OUT/state" | tee "$OUT/profile.json"
 .venv-clinic/bin/edge-run profile --bundle "$OUT/bundle" --cases 50 --state "$OUT/state"
+
+echo "== edge-run doctor: is this PC fit for the bundle?"
+.venv-clinic/bin/edge-run doctor --bundle "$OUT/bundle" --state "$OUT/state" --cases 10
 
 echo "== federation on loopback: edge-server + three clinics (different sites), two DP rounds, AUC before/after per clinic"
 SEED="$SEED" CONFIG=tiny bash scripts/demo_federation.sh "$OUT" .venv .venv-clinic
