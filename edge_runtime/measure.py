@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from .errors import BadInput
@@ -35,6 +35,9 @@ class Request:
 
 def measure(request: Request, timeout_s: float = 900) -> dict:
     """Run the worker in a fresh interpreter; a clear error when it fails."""
+    # Absolute paths: the worker runs from the package's folder (importable in a source tree too).
+    request = replace(request, encoders={m: str(Path(p).resolve()) for m, p in request.encoders.items()},
+                      head=str(Path(request.head).resolve()))
     proc = subprocess.run([sys.executable, "-m", "edge_runtime.measure"], input=json.dumps(asdict(request)),
                           capture_output=True, text=True, timeout=timeout_s, cwd=Path(__file__).resolve().parents[1])
     if proc.returncode != 0:

@@ -285,3 +285,17 @@ def test_profile_plot_writes_a_histogram(micro_out, tmp_path):
     assert json.loads(proc.stdout)["plot"] == str(png) and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     bad = edge_run("profile", "--bundle", str(micro_out / "bundle"), "--cases", "5", "--plot", str(tmp_path / "no" / "x.png"))
     assert bad.returncode == 2 and "does not exist" in bad.stderr
+
+
+def test_measure_accepts_paths_relative_to_the_callers_folder(micro_out, monkeypatch):
+    """The demo runs `edge-export pipeline --out demo-out`: candidate paths are relative to its cwd."""
+    from edge_runtime import MODALITIES
+    from edge_runtime.measure import Request, measure
+
+    manifest = json.loads((micro_out / "bundle" / MANIFEST).read_text())
+    monkeypatch.chdir(micro_out.parent)
+    rel = Path(micro_out.name) / "bundle"
+    fp32 = {v["name"]: v for v in manifest["variants"]}["fp32"]["encoders"]
+    figures = measure(Request({m: str(rel / fp32[m]) for m in MODALITIES}, str(rel / "head.onnx"), manifest["preprocessing"],
+                              manifest["classes"], int(manifest["embedding_dim"]), 3, 4, cases=3))
+    assert figures["cases"] == 3 and figures["peak_rss_mb"] > 10
