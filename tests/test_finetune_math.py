@@ -205,3 +205,15 @@ def test_lifetime_budget_is_fixed_by_the_first_round(tmp_path):
     assert Ledger(tmp_path / "p", "clinic-a", "ds", 0.3, 1e-5).epsilon_total == 0.3, "a run may hold itself to less"
     with pytest.raises(LedgerError, match="fixed at epsilon 0.5 by its first round"):
         Ledger(tmp_path / "p", "clinic-a", "ds", 5.0, 1e-5)
+
+
+def test_validation_split_is_stable_and_keeps_both_classes():
+    from edge_runtime.finetune.run import validation_split
+
+    ids = [f"case-{i:04d}" for i in range(60)]
+    labels = np.array([1] * 4 + [0] * 56)  # a rare class: the plain hash split often misses it
+    for clinic in (f"clinic-{k}" for k in range(40)):
+        val = validation_split(clinic, ids, labels, 0.2)
+        assert val[labels == 1].sum() >= 2 and (~val[labels == 1]).sum() >= 2 and val[labels == 0].sum() >= 2 and (~val[labels == 0]).sum() >= 2
+        assert np.array_equal(val, validation_split(clinic, ids, labels, 0.2)), "stable across rounds"
+        assert 0.1 < val.mean() < 0.35

@@ -105,10 +105,30 @@ def check_labels(manifest: Manifest, classes: list[str]) -> Labelled:
     return Labelled(ids, arr, lines)
 
 
+def _case_hash(clinic: str, case_id: str) -> float:
+    """In [0, 1): stable per case across rounds, unpredictable without the clinic id."""
+    return int.from_bytes(hashlib.sha256(f"{clinic}\n{case_id}".encode()).digest()[:8], "big") / 2**64
+
+
 def is_validation(clinic: str, case_id: str, fraction: float) -> bool:
-    """Stable per case across rounds, unpredictable without the clinic id."""
-    h = int.from_bytes(hashlib.sha256(f"{clinic}\n{case_id}".encode()).digest()[:8], "big")
-    return h / 2**64 < fraction
+    return _case_hash(clinic, case_id) < fraction
+
+
+def validation_split(clinic: str, case_ids: list[str], labels: np.ndarray, fraction: float, per_class: int = 2) -> np.ndarray:
+    """Boolean mask of the validation cases: the stable hash split, stratified so that each class
+    keeps at least ``per_class`` validation cases and as many training cases (when it has them):
+    a small clinic never loses a round to an unlucky draw of its split."""
+    h = np.array([_case_hash(clinic, c) for c in case_ids])
+    val = h < fraction
+    for cls in np.unique(labels):
+        idx = np.flatnonzero(labels == cls)
+        order = idx[np.argsort(h[idx])]  # lowest hash first: the same cases every round
+        need = min(per_class, len(idx) // 2)
+        if val[idx].sum() < need:
+            val[order[:need]] = True
+        if (~val[idx]).sum() < need:
+            val[order[::-1][:need]] = False
+    return val
 
 
 def fill_cache(model: EdgeModel, bundle: Bundle, manifest: Manifest, cache: EmbeddingCache, wanted: set[str],
@@ -205,7 +225,7 @@ def finetune(bundle: Bundle, manifest: Manifest, state: State, opts: FinetuneOpt
     ids = [labelled.case_ids[i] for i in keep]
     labels = labelled.labels[keep]
     rows = np.array([row_of[c] for c in ids], dtype=np.int64)
-    val = np.array([is_validation(clinic, c, opts.val_fraction) for c in ids], dtype=bool)
+    val = validation_split(clinic, list(ids), labels, opts.val_fraction)
     tr_rows, tr_labels, va_rows, va_labels = rows[~val], labels[~val], rows[val], labels[val]
     if len(tr_rows) < 10 or len(va_rows) < 4 or len(np.unique(va_labels)) < 2 or len(np.unique(tr_labels)) < 2:
         raise BadInput(f"{manifest.path}: too few usable labelled cases ({len(tr_rows)} training, {len(va_rows)} validation, "
