@@ -12,7 +12,7 @@ from . import MODALITIES
 from .bundle import Bundle, default_public_key_path, load_bundle
 from .cliutil import handle_errors
 from .errors import BadInput, BundleError
-from .finetune.state import DEFAULT_STATE, State, bundle_head_key
+from .finetune.state import State, bundle_head_key
 from .keys import load_public_key
 from .manifest import load_case, read_manifest
 from .measure import Request, measure
@@ -26,12 +26,20 @@ from .variants import default_state_dir, resolve_variant, write_pin
 PROFILE_FIRST_CASE = 2_000_000  # synthetic profile cases, disjoint from training and test indices
 
 
+def state_option(fn):
+    """--state, resolved once: the option, else $EDGE_RUN_STATE, else ~/.dwfl-edge."""
+    return click.option(
+        "--state", "state_dir", type=click.Path(path_type=Path), default=None, envvar="EDGE_RUN_STATE",
+        callback=lambda _ctx, _param, value: Path(value).expanduser() if value else default_state_dir(),
+        help="Clinic state folder: privacy ledger, embedding cache, fine-tuned heads, outbox, variant pin [default: ~/.dwfl-edge].",
+    )(fn)
+
+
 def bundle_options(fn):
     fn = click.option("--threads", default=2, show_default=True, type=click.IntRange(1, 64), help="ONNX Runtime intra-op threads.")(fn)
     fn = click.option("--variant", default=None,
                       help="Encoder variant from the bundle [default: pinned by `profile --select`, else the export's choice for this CPU].")(fn)
-    fn = click.option("--state", "state_dir", type=click.Path(path_type=Path), default=None, envvar="EDGE_RUN_STATE",
-                      help="Clinic state folder (variant pin, ...) [default: ~/.dwfl-edge].")(fn)
+    fn = state_option(fn)
     fn = click.option(
         "--trusted-key", type=click.Path(path_type=Path), default=None, envvar="EDGE_RUN_TRUSTED_KEY",
         help="Pinned Ed25519 public key of the bundle signer [default: BUNDLE.pub next to the bundle].",
@@ -40,17 +48,9 @@ def bundle_options(fn):
     return fn
 
 
-def state_option(fn):
-    return click.option(
-        "--state", "state_dir", type=click.Path(path_type=Path), default=DEFAULT_STATE, show_default=True, envvar="EDGE_RUN_STATE",
-        help="Clinic state folder: privacy ledger, embedding cache, fine-tuned heads, outbox, variant pin.",
-    )(fn)
-
-
-def load_model(loaded: Bundle, variant: str | None, threads: int, state_dir: Path | None) -> EdgeModel:
+def load_model(loaded: Bundle, variant: str | None, threads: int, state_dir: Path) -> EdgeModel:
     """The bundle's encoders with the fine-tuned head active in ``state_dir`` for this bundle, if any."""
     model = EdgeModel.from_bundle(loaded, variant, threads)
-    state_dir = state_dir or default_state_dir()
     if (Path(state_dir) / "heads").is_dir() and "weights" in loaded.manifest.get("head", {}):
         params, _ = State(state_dir).active_head(loaded, model.dim, len(loaded.classes))
         model.use_head_params(params)
@@ -86,7 +86,7 @@ def main() -> None:
 @click.option("--synthetic", is_flag=True, help="Take cases from the bundle's synthetic generator.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per case, one per line.")
 @handle_errors
-def infer(bundle: Path, trusted_key: Path | None, state_dir: Path | None, variant: str | None, threads: int, manifest: Path | None,
+def infer(bundle: Path, trusted_key: Path | None, state_dir: Path, variant: str | None, threads: int, manifest: Path | None,
           case_ids: tuple[str, ...], synthetic: bool, as_json: bool) -> None:
     """Predict cases. The bundle's hashes and signature are verified first.
 
@@ -151,7 +151,7 @@ def _emit_rejection(case_id: str, reason: str, as_json: bool) -> None:
               help="Write a latency histogram with the budget line to this PNG (needs matplotlib: pip install '.[plot]').")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @handle_errors
-def profile_cmd(bundle: Path, trusted_key: Path | None, state_dir: Path | None, variant: str | None, threads: int,
+def profile_cmd(bundle: Path, trusted_key: Path | None, state_dir: Path, variant: str | None, threads: int,
                 cases: int, mem_budget: str | None, latency_budget: str | None, select_variant: bool, plot_path: Path | None,
                 as_json: bool) -> None:
     """Latency p50/p95/p99 (whole case and model alone) and whole-process peak RSS against the
@@ -226,7 +226,7 @@ def _plot_latency(result, variant: str, path: Path) -> Path:
     return path
 
 
-def _select(loaded: Bundle, state_dir: Path | None, threads: int, cases: int, mem_mb: float, lat_ms: float, as_json: bool) -> None:
+def _select(loaded: Bundle, state_dir: Path, threads: int, cases: int, mem_mb: float, lat_ms: float, as_json: bool) -> None:
     """Re-measure every variant on this PC and pin the choice (exit 1 when none meets every limit)."""
     manifest = loaded.manifest
     sel = manifest.get("selection") or {}
@@ -247,8 +247,7 @@ def _select(loaded: Bundle, state_dir: Path | None, threads: int, cases: int, me
             click.echo(f"{name:<30} model p95 {fig['model_ms']['p95']:6.1f} ms  case p95 {fig['latency_ms']['p95']:6.1f} ms"
                        f"  peak RSS {fig['peak_rss_mb']:6.1f} MB  val AUC {auc:.4f}")
     selection = choose(measured, reference, tolerance, mem_mb, lat_ms)
-    state = state_dir or default_state_dir()
-    pin = write_pin(state, loaded, selection.chosen, figures[selection.chosen])
+    pin = write_pin(state_dir, loaded, selection.chosen, figures[selection.chosen])
     if as_json:
         click.echo(json.dumps({"chosen": selection.chosen, "ok": selection.ok, "reasons": selection.reasons,
                                "figures": figures, "pin": str(pin)}, indent=2))
@@ -274,7 +273,7 @@ def _select(loaded: Bundle, state_dir: Path | None, threads: int, cases: int, me
 @click.option("--seed", default=None, type=int, hidden=True, help="Tests only: fixed noise (never in production).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @handle_errors
-def finetune(bundle: Path, trusted_key: Path | None, variant: str | None, threads: int, state_dir: Path | None, manifest: Path,
+def finetune(bundle: Path, trusted_key: Path | None, variant: str | None, threads: int, state_dir: Path, manifest: Path,
              epsilon: float, delta: float, dataset: str, round_epsilon: float | None, epochs: float, batch_size: int, clip: float,
              lr: float, tolerance: float, cache_mb: float, seed: int | None, as_json: bool) -> None:
     """Fine-tune the head on local labelled cases with DP-SGD, numpy only.
@@ -294,7 +293,7 @@ def finetune(bundle: Path, trusted_key: Path | None, variant: str | None, thread
     opts.check()
     cases = read_manifest(manifest)
     loaded = open_bundle(bundle, trusted_key)
-    report = run_finetune(loaded, cases, State(state_dir or default_state_dir()), opts)
+    report = run_finetune(loaded, cases, State(state_dir), opts)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
@@ -370,21 +369,19 @@ def status(state_dir: Path, bundle: Path | None, trusted_key: Path | None, epsil
 @click.option("--bundle", type=click.Path(path_type=Path), default=None, help="Bundle to check this PC against.")
 @click.option("--trusted-key", type=click.Path(path_type=Path), default=None, envvar="EDGE_RUN_TRUSTED_KEY",
               help="Pinned Ed25519 public key of the bundle signer [default: BUNDLE.pub next to the bundle].")
-@click.option("--state", "state_dir", type=click.Path(path_type=Path), default=None, envvar="EDGE_RUN_STATE",
-              help="Clinic state folder [default: ~/.dwfl-edge].")
+@state_option
 @click.option("--threads", default=2, show_default=True, type=click.IntRange(1, 64), help="ONNX Runtime intra-op threads.")
 @click.option("--cases", default=20, show_default=True, type=click.IntRange(3, 10_000), help="Cases of the short profile.")
 @click.option("--mem-budget", default=None, help="Peak RSS budget, e.g. 1.8GB [default: the bundle's].")
 @click.option("--latency-budget", default=None, help="p95 latency budget per case, e.g. 200ms [default: the bundle's].")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @handle_errors
-def doctor(bundle: Path | None, trusted_key: Path | None, state_dir: Path | None, threads: int, cases: int,
+def doctor(bundle: Path | None, trusted_key: Path | None, state_dir: Path, threads: int, cases: int,
            mem_budget: str | None, latency_budget: str | None, as_json: bool) -> None:
     """Is this PC fit? CPU features, cores, RAM, disk, ONNX Runtime, the variant that fits, a short
     profile against the budgets, the privacy budget left. Exit 1 when the PC cannot meet the budgets."""
     from .doctor import Report, machine_checks, privacy_checks
 
-    state = state_dir or default_state_dir()
     report = Report()
     mem_mb, lat_ms = 1800.0, 200.0  # DESIGN's clinic budgets, unless the bundle or options say otherwise
     loaded = open_bundle(bundle, trusted_key) if bundle is not None else None
@@ -393,17 +390,17 @@ def doctor(bundle: Path | None, trusted_key: Path | None, state_dir: Path | None
         mem_mb, lat_ms = float(budgets.get("mem_mb", mem_mb)), float(budgets.get("latency_ms", lat_ms))
     mem_mb = parse_size_mb(mem_budget) if mem_budget else mem_mb
     lat_ms = parse_duration_ms(latency_budget) if latency_budget else lat_ms
-    machine_checks(report, state, mem_mb)
+    machine_checks(report, state_dir, mem_mb)
     if loaded is not None:
-        name, why = resolve_variant(loaded, None, state)
+        name, why = resolve_variant(loaded, None, state_dir)
         report.add("variant", name, True, why)
-        model = load_model(loaded, name, threads, state)
+        model = load_model(loaded, name, threads, state_dir)
         result = profile(model, synthetic_cohort(loaded).iter_cases(PROFILE_FIRST_CASE, cases + WARMUP_CASES), mem_mb, lat_ms)
         lat = result.latency
         report.facts["profile"] = {"variant": name, **result.to_dict()}
         report.add("latency p95", f"{lat['p95']:.1f} ms ({cases} cases, {threads} threads)", lat["p95"] <= lat_ms, f"budget {lat_ms:g} ms")
         report.add("peak memory", f"{result.peak_rss_mb:.1f} MB", result.peak_rss_mb <= mem_mb, f"budget {mem_mb:g} MB")
-    privacy_checks(report, state)
+    privacy_checks(report, state_dir)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:

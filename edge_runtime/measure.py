@@ -46,12 +46,12 @@ def measure(request: Request, timeout_s: float = 900) -> dict:
     return json.loads(proc.stdout)
 
 
-def _cases(request: Request, spec):
+def _cases(request: Request, spec, count: int):
     from .synthetic import SynthConfig, SyntheticCohort
 
     cohort = SyntheticCohort(SynthConfig(seed=request.synthetic_seed, n_sites=request.n_sites, spec=spec))
     index, yielded = request.first_case, 0
-    while yielded < request.cases:
+    while yielded < count:
         case = cohort.case(index)
         index += 1
         if request.full_cases_only and case.modalities != FULL_CASE:
@@ -71,8 +71,7 @@ def _worker() -> None:
     model = EdgeModel({m: Path(p) for m, p in request.encoders.items()}, Path(request.head), pre, request.classes,
                       request.dim, request.threads)
     spec = InputSpec(ct_grid=pre.ct.grid, tile=pre.pathology.tile, n_genes=len(pre.genomics.genes))
-    result = profile(model, _cases(Request(**{**asdict(request), "cases": request.cases + WARMUP_CASES}), spec),
-                     float("inf"), float("inf"))
+    result = profile(model, _cases(request, spec, request.cases + WARMUP_CASES), float("inf"), float("inf"))
     doc = result.to_dict()
     print(json.dumps({"cases": doc["cases"], "latency_ms": doc["latency_ms"], "model_ms": doc["model_ms"],
                       "stages_ms": doc["stages_ms"], "peak_rss_mb": doc["peak_rss_mb"], "threads": request.threads}))

@@ -55,7 +55,8 @@ def resolve_variant(bundle: Bundle, requested: str | None, state_dir: Path | Non
     """(variant, why)."""
     if requested:
         return requested, "asked for with --variant"
-    pin = read_pin(state_dir or default_state_dir(), bundle)
+    state_dir = state_dir or default_state_dir()
+    pin = read_pin(state_dir, bundle)
     if pin is not None:
-        return pin["variant"], f"pinned by `edge-run profile --select` ({state_dir or default_state_dir()})"
+        return pin["variant"], f"pinned by `edge-run profile --select` ({state_dir})"
     return variant_for_cpu(bundle.manifest, this_cpu().features)

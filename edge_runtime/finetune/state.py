@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import uuid
 from datetime import datetime, timezone
@@ -27,7 +26,6 @@ from ..errors import BadInput, Refused
 from ..fsutil import sha256_file, write_atomic
 from .head import Params, check_params, load_params, params_bytes
 
-DEFAULT_STATE = Path(os.environ.get("EDGE_RUN_STATE", "~/.dwfl-edge")).expanduser()
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
