@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -22,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from .errors import BundleError
-from .fsutil import fsync_tree, replace_dir, sha256_file
+from .fsutil import fsync_tree, replace_dir, sha256_file, temp_path
 from .keys import key_id
 from .preprocess import Preprocessing
 
@@ -58,7 +57,7 @@ def write_bundle(out_dir: Path, files: dict[str, Path], body: dict, key: Ed25519
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    tmp = temp_path(out_dir)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         listing = {}

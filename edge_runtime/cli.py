@@ -13,6 +13,7 @@ from .bundle import Bundle, default_public_key_path, load_bundle
 from .cliutil import handle_errors
 from .errors import BadInput, BundleError
 from .finetune.state import State, bundle_head_key
+from .fsutil import sweep_temps
 from .keys import load_public_key
 from .manifest import load_case, read_manifest
 from .measure import Request, measure
@@ -293,6 +294,7 @@ def finetune(bundle: Path, trusted_key: Path | None, variant: str | None, thread
     opts.check()
     cases = read_manifest(manifest)
     loaded = open_bundle(bundle, trusted_key)
+    sweep_temps(state_dir)  # leftovers of a run that was killed
     report = run_finetune(loaded, cases, State(state_dir), opts)
     if as_json:
         click.echo(json.dumps(report, indent=2))
@@ -467,6 +469,7 @@ def sync(state_dir: Path, url: str | None, manifest: Path | None, epsilon: float
                            epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
     opts.check()
     client = Client(state_dir, url, retries, backoff, timeout)
+    sweep_temps(state_dir)  # leftovers of a run that was killed
     report: dict = {"clinic": client.config.clinic, "uploads": client.upload_pending()}
     status = client.get_json("/v1/model")
     bundle = client.pull(int(status["version"]))
@@ -479,6 +482,10 @@ def sync(state_dir: Path, url: str | None, manifest: Path | None, epsilon: float
         report["finetune"] = "skipped (no open round on this version)"
     elif (done := contributed(state_dir, int(rnd["id"]))) is not None:
         report["finetune"] = f"skipped (already sent {done} for round {rnd['id']})"
+    elif (made := client.unsent_update(bundle)) is not None:  # made on this version by a run that died before queueing it
+        client.queue(made, int(rnd["id"]), int(status["version"]))
+        report["finetune"] = f"skipped (update {made.stem} was made on this version already; queued, no new privacy cost)"
+        report["uploads"] += client.upload_pending()
     else:
         ft = run_finetune(bundle, cases, State(state_dir), opts)
         client.queue(Path(ft["update"]), int(rnd["id"]), int(status["version"]))

@@ -4,8 +4,65 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
+import socket
+import time
 from pathlib import Path
+
+# Temporary names carry host and process: after a crash (kill -9, power loss) the next run on the
+# same host removes the leftovers of processes that are gone, and never those of a live one.
+_HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:20] or "host"
+_TEMP = re.compile(r"^\..+\.(?:tmp|old)-(?P<host>[A-Za-z0-9]+)-(?P<pid>\d+)(?:-[0-9a-f]+)?$")
+STALE_SECONDS_WITHOUT_PID_CHECK = 24 * 3600
+
+
+def temp_path(path: Path, kind: str = "tmp") -> Path:
+    """A hidden sibling of ``path`` unique to this process and call (threads may race)."""
+    return path.with_name(f".{path.name}.{kind}-{_HOST}-{os.getpid()}-{os.urandom(4).hex()}")
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def sweep_temps(root: Path) -> int:
+    """Remove temporary files and folders left under ``root`` by crashed processes; the count.
+
+    Only this host's leftovers whose process is gone (on Windows, where signal 0 would kill a live
+    process, those older than a day); a temporary name from another host or a live process stays."""
+    removed = 0
+    if not Path(root).is_dir():
+        return 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [*dirnames, *filenames]:
+            m = _TEMP.match(name)
+            if not m or m["host"] != _HOST:
+                continue
+            path = Path(dirpath) / name
+            if os.name == "nt":
+                try:
+                    if time.time() - path.stat().st_mtime < STALE_SECONDS_WITHOUT_PID_CHECK:
+                        continue
+                except OSError:
+                    continue
+            elif _alive(int(m["pid"])):
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+                dirnames.remove(name) if name in dirnames else None
+            else:
+                path.unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 def fsync_dir(path: Path) -> None:
@@ -21,7 +78,7 @@ def fsync_dir(path: Path) -> None:
 def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Write ``data`` so that ``path`` holds either its old or its new content, never a mix."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")  # unique: threads may race
+    tmp = temp_path(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -46,7 +103,7 @@ def fsync_tree(root: Path) -> None:
 
 def replace_dir(tmp: Path, final: Path) -> None:
     """Move a fully written and fsynced directory into place, replacing an older one."""
-    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    old = temp_path(final, "old")
     if final.exists():
         os.replace(final, old)
     os.replace(tmp, final)

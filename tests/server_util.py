@@ -34,13 +34,14 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 
-    def start(self, patch: str | None = None) -> "ServerProcess":
+    def start(self, patch: str | None = None, env: dict[str, str] | None = None) -> "ServerProcess":
         code = f"import sys\n{self.patch if patch is None else patch}\nfrom server.cli import main\nsys.argv[0] = 'edge-server'\nmain()"
         args = ["serve", "--home", str(self.home), "--port", str(self.port), "--tick", str(self.tick)]
         if self.db_url:
             args += ["--db", self.db_url]
         self.log = open(self.home / f"serve-{time.time_ns()}.log", "w")
-        self.proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
+        self.proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                     env={**os.environ, **(env or {})})
         deadline = time.time() + 30
         while time.time() < deadline:
             if self.proc.poll() is not None:

@@ -77,3 +77,24 @@ def test_finetune_on_a_full_disk_fails_cleanly_then_works(micro_out, labelled_ca
     assert report["cases"]["train"] + report["cases"]["validation"] == 60
     ledger = (state / "privacy" / "default" / "ledger.jsonl").read_text().splitlines()
     assert len(ledger) == 1 and len(list(state.glob("outbox/*.npz"))) == 1
+
+
+def test_sweep_removes_only_dead_processes_temporaries(tmp_path):
+    """What a kill -9 leaves (a hidden temporary of a dead process) goes at the next start; a live
+    process's temporary, another host's and ordinary files stay."""
+    from edge_runtime.fsutil import _HOST, sweep_temps, temp_path
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "sub").mkdir()
+    leftovers = [tmp_path / f".a.bin.tmp-{_HOST}-{dead.pid}-0a1b2c3d", tmp_path / "sub" / f".v2.old-{_HOST}-{dead.pid}-00ff00ff"]
+    leftovers[0].write_bytes(b"half")
+    leftovers[1].mkdir()
+    (leftovers[1] / "x.onnx").write_bytes(b"old version")
+    keep = [temp_path(tmp_path / "b.bin"), tmp_path / f".c.bin.tmp-otherhost-{dead.pid}-0a1b2c3d", tmp_path / "model.bin",
+            tmp_path / ".hidden"]
+    for p in keep:
+        p.write_bytes(b"x")
+    assert sweep_temps(tmp_path) == 2
+    assert not any(p.exists() for p in leftovers) and all(p.exists() for p in keep)
+    assert sweep_temps(tmp_path / "missing") == 0

@@ -241,6 +241,7 @@ def finetune(bundle: Bundle, manifest: Manifest, state: State, opts: FinetuneOpt
     except BudgetExhausted as exc:
         raise Refused(f"{exc}; nothing trained, nothing sent") from exc
     round_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
+    ledger.open_head()  # first: a dataset registered without a ledger head was deleted, not interrupted
     state.register_dataset(opts.dataset)
     charge = ledger.charge(round_id, plan.events)  # fsynced before anything derived from this round exists
     rng = np.random.default_rng(opts.seed)

@@ -146,6 +146,14 @@ class Ledger:
 
     # ------------------------------------------------------------ writing
 
+    def open_head(self) -> None:
+        """Write the head of an empty ledger. Called before the dataset is registered in clinic.json,
+        so that a registered dataset without a head means a deleted ledger, never a crash between
+        registering and the first charge."""
+        if not self.head_path.exists() and not self.charges:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self._write_head()
+
     def charge(self, round_id: str, events: RoundEvents) -> Charge:
         """Append one round's events and fsync (file, then folder) before returning."""
         self.folder.mkdir(parents=True, exist_ok=True)

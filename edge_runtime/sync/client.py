@@ -34,7 +34,7 @@ from ..bundle import (
     load_bundle,
 )
 from ..errors import BadInput, BundleError, Refused
-from ..fsutil import replace_dir, write_atomic
+from ..fsutil import fsync_tree, replace_dir, temp_path, write_atomic
 from ..keys import (
     generate_key,
     key_id,
@@ -135,8 +135,7 @@ class Client:
         if cur:
             old = json.loads((cur[1] / MANIFEST).read_text()) if (cur[1] / MANIFEST).exists() else {"files": {}}
             local = {m["sha256"]: cur[1] / n for n, m in old["files"].items()}
-        tmp = folder.with_name(f".{folder.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp = temp_path(folder)
         try:
             for name, meta in manifest["files"].items():
                 _check_member_name(name)
@@ -152,6 +151,7 @@ class Client:
                 dest.write_bytes(r.content)
             (tmp / MANIFEST).write_bytes(raw)
             load_bundle(tmp, self.server_key)  # signature and every file's SHA-256
+            fsync_tree(tmp)  # on disk before the rename makes it a version (power loss, not only kill -9)
             replace_dir(tmp, folder)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -167,6 +167,24 @@ class Client:
         side = pending / (Path(update_path).stem + ".json")
         write_atomic(side, json.dumps({"file": str(update_path), "round": round_id, "base_version": base_version}).encode())
         return side
+
+    def unsent_update(self, bundle: Bundle) -> Path | None:
+        """An outbox update fine-tuned on ``bundle``'s head that was never queued (its run died between
+        writing it and queueing it, or `edge-run finetune` made it): sending it costs no new privacy."""
+        from ..finetune.state import bundle_head_key, read_update
+
+        known = {p.stem for folder in ("pending", "sent") for p in (self.sync_dir / folder).glob("*.json")}
+        key = bundle_head_key(bundle)
+        for path in sorted((self.root / "outbox").glob("*.npz"), key=lambda p: p.stat().st_mtime, reverse=True):
+            if path.stem in known:
+                continue
+            try:
+                meta = read_update(path)[1]
+            except (OSError, ValueError, KeyError):
+                continue  # not ours to judge here; the server would refuse it anyway
+            if meta.get("base_head") == key and meta.get("update_id") == path.stem:
+                return path
+        return None
 
     def upload_pending(self) -> list[dict]:
         out = []
