@@ -13,6 +13,9 @@ $PY benchmarks/calibration_memory.py --bundle "$OUT/bundle"
 $PY benchmarks/finetune_memory.py --bundle "$OUT/bundle"
 $PY benchmarks/finetune_utility.py --bundle "$OUT/bundle"
 $PY benchmarks/server_load.py
+$PY benchmarks/server_soak.py --clinics 200 --rounds 30 --minutes 10
+$PY benchmarks/fault_matrix.py --seeds 10
+$PY -m pip install -q "atheris>=2.3" && $PY benchmarks/fuzz_atheris.py --seconds 120
 $PY benchmarks/seed_protocol.py
 if [ -z "${FAST:-}" ]; then
   $PY benchmarks/federation_noniid.py --seeds 0,1,2 --rounds 6

@@ -84,6 +84,8 @@ for rnd in 1 2; do
   echo "== round $rnd: edge-run sync --manifest (pull the global model, DP fine-tune the head, seal + sign + upload)"
   for c in "${CLINICS[@]}"; do
     edge_run sync --state "$FED/clinics/$c" --manifest "$FED/data/$c/train/manifest.csv" --epsilon 2 --round-epsilon 1 --epochs 5
+    # a clinic keeps the current version and the one before; keep version 1 aside for the comparison below
+    [ -d "$FED/v1/$c" ] || { mkdir -p "$FED/v1" && cp -r "$FED/clinics/$c/bundles/v1" "$FED/v1/$c"; }
   done
   round_closed "$rnd"
 done
@@ -98,7 +100,8 @@ args=()
 for c in "${CLINICS[@]}"; do
   st="$FED/clinics/$c"
   for v in 1 "$LAST"; do  # a fresh state folder: the global model itself, not the clinic's locally fine-tuned head
-    edge_run infer --bundle "$st/bundles/v$v" --trusted-key "$st/sync/server.pub" --state "$FED/eval-state" \
+    bundle="$st/bundles/v$v"; [ "$v" = 1 ] && bundle="$FED/v1/$c"
+    edge_run infer --bundle "$bundle" --trusted-key "$st/sync/server.pub" --state "$FED/eval-state" \
       --manifest "$FED/data/$c/heldout/manifest.csv" --json >"$FED/$c-v$v.jsonl"
   done
   args+=(--clinic "$c" "$FED/data/$c/heldout/manifest.csv" "$FED/$c-v1.jsonl" "$FED/$c-v$LAST.jsonl")

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import anyio
 from fastapi import FastAPI, Request
@@ -45,22 +46,22 @@ def refuse(status: int, reason: str) -> JSONResponse:
 
 def create_app(srv: Server, tick_seconds: float = 2.0) -> FastAPI:
     app = FastAPI(title="dwfl-edge aggregation server", docs_url=None, redoc_url=None, openapi_url=None)
-    lock = threading.Lock()
-
-    def run_tick() -> None:
-        if lock.acquire(blocking=False):
-            try:
-                rounds.tick(srv)
-            finally:
-                lock.release()
-
-    stop = threading.Event()
+    stop, wake = threading.Event(), threading.Event()
 
     def loop() -> None:
-        while not stop.wait(tick_seconds):
+        # One thread for the rounds, woken early by a stored update (no thread per update: thread
+        # churn fragments the allocator's per-thread arenas and the server's memory creeps up)
+        forgot = time.monotonic()
+        while not stop.is_set():
+            wake.wait(tick_seconds)
+            wake.clear()
+            if stop.is_set():
+                return
             try:
-                run_tick()
-                srv.forget_old_nonces()
+                rounds.tick(srv)
+                if time.monotonic() - forgot >= tick_seconds:
+                    srv.forget_old_nonces()
+                    forgot = time.monotonic()
             except Exception as exc:  # noqa: BLE001 - keep serving; the next tick retries
                 print(f"tick failed: {exc!r}", flush=True)
 
@@ -71,6 +72,7 @@ def create_app(srv: Server, tick_seconds: float = 2.0) -> FastAPI:
     @app.on_event("shutdown")
     def _stop() -> None:
         stop.set()
+        wake.set()
 
     async def read_body(request: Request) -> bytes:
         declared = request.headers.get("content-length")
@@ -126,7 +128,7 @@ def create_app(srv: Server, tick_seconds: float = 2.0) -> FastAPI:
         env = protocol.Envelope(**parse(EnvelopeBody, body).model_dump())
         accepted = await anyio.to_thread.run_sync(srv.receive_update, clinic, key, env)
         if accepted.status == "stored":
-            threading.Thread(target=run_tick, daemon=True).start()
+            wake.set()  # the round may be due now
         return {"status": accepted.status, "update_id": accepted.update_id, "round": accepted.round,
                 "staleness": accepted.staleness}
 

@@ -79,7 +79,9 @@ def serve(home: Path | None, db_url: str | None, host: str, port: int, tick: flo
     import uvicorn
 
     from .app import create_app
+    from .malloc import limit_arenas
 
+    limit_arenas()  # before the server's threads exist
     app = create_app(open_server(home, db_url), tick)
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_keep_alive=30)
 

@@ -33,6 +33,9 @@ from .blobs import BlobStore
 from .home import Config, Home
 
 
+HEADS_CACHED = 4
+
+
 class Refusal(Exception):
     def __init__(self, status: int, reason: str) -> None:
         super().__init__(reason)
@@ -179,6 +182,8 @@ class Server:
             data = self.blobs.get(m["files"][m["head"]["weights"]]["sha256"])
             with np.load(io.BytesIO(data), allow_pickle=False) as z:
                 self._heads[version] = {k: np.asarray(z[k], dtype=np.float32) for k in z.files}
+            while len(self._heads) > HEADS_CACHED:  # a long-running server holds a few versions, not all
+                self._heads.pop(min(self._heads), None)
         return self._heads[version]
 
     def current_round(self, conn=None) -> dict | None:
@@ -309,6 +314,8 @@ class Server:
             raise Refusal(422, f"update parameter names differ from the model's ({sorted(set(delta) ^ set(reference))[:3]})")
         for name, ref in reference.items():
             arr = delta[name]
+            if not isinstance(arr, np.ndarray):  # an npz member not named .npy loads as raw bytes
+                raise Refusal(422, f"{name}: not an array")
             if arr.shape != ref.shape:
                 raise Refusal(422, f"wrong shape for {name}: {arr.shape} != {ref.shape}")
             if arr.dtype.kind != "f" or not np.all(np.isfinite(arr)):

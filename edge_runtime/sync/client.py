@@ -5,7 +5,8 @@
     STATE/sync/server.pub           the pinned server key as PEM (what bundles are verified with)
     STATE/sync/pending/ID.json      an outbox update waiting for upload: its round and base version
     STATE/sync/sent/ID.json         uploaded updates (the server's answer)
-    STATE/bundles/vN/               verified global model versions; STATE/bundles/current.json names one
+    STATE/bundles/vN/               verified global model versions (the current one and the one before
+                                    it); STATE/bundles/current.json names the current one
 
 A sync: upload what is pending; pull the latest version (signature and hashes verified before it is
 installed); if the open round has nothing from us yet, fine-tune with DP on the labelled manifest,
@@ -35,6 +36,7 @@ from ..bundle import (
 )
 from ..errors import BadInput, BundleError, Refused
 from ..fsutil import fsync_tree, replace_dir, temp_path, write_atomic
+from ..progress import progress
 from ..keys import (
     generate_key,
     key_id,
@@ -137,18 +139,20 @@ class Client:
             local = {m["sha256"]: cur[1] / n for n, m in old["files"].items()}
         tmp = temp_path(folder)
         try:
-            for name, meta in manifest["files"].items():
-                _check_member_name(name)
-                dest = tmp / name
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                src = local.get(meta.get("sha256"))
-                if src is not None and src.is_file():
-                    shutil.copyfile(src, dest)
-                    continue
-                r = self.request("GET", f"/v1/bundle/{version}/files/{name}")
-                if r.status_code != 200:
-                    raise Refused(f"cannot fetch {name} of version {version}: HTTP {r.status_code}: {reason(r)}")
-                dest.write_bytes(r.content)
+            with progress(f"model version {version}", len(manifest["files"])) as advance:
+                for name, meta in manifest["files"].items():
+                    _check_member_name(name)
+                    dest = tmp / name
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    src = local.get(meta.get("sha256"))
+                    if src is not None and src.is_file():
+                        shutil.copyfile(src, dest)
+                    else:
+                        r = self.request("GET", f"/v1/bundle/{version}/files/{name}")
+                        if r.status_code != 200:
+                            raise Refused(f"cannot fetch {name} of version {version}: HTTP {r.status_code}: {reason(r)}")
+                        dest.write_bytes(r.content)
+                    advance(1)
             (tmp / MANIFEST).write_bytes(raw)
             load_bundle(tmp, self.server_key)  # signature and every file's SHA-256
             fsync_tree(tmp)  # on disk before the rename makes it a version (power loss, not only kill -9)
@@ -157,6 +161,10 @@ class Client:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         write_atomic(self.root / "bundles" / "current.json", json.dumps({"version": version, "folder": folder.name}).encode())
+        keep = {folder.name, cur[1].name if cur else ""}
+        for old_folder in (self.root / "bundles").glob("v*"):  # the new version and the one before it stay
+            if old_folder.is_dir() and old_folder.name not in keep:
+                shutil.rmtree(old_folder, ignore_errors=True)
         return load_bundle(folder, self.server_key)
 
     # ------------------------------------------------------------ updates
@@ -188,18 +196,24 @@ class Client:
 
     def upload_pending(self) -> list[dict]:
         out = []
-        for side in sorted((self.sync_dir / "pending").glob("*.json")):
-            doc = json.loads(side.read_text())
-            update_id = side.stem
-            result = self.upload(Path(doc["file"]), update_id, int(doc["round"]), int(doc["base_version"]))
-            sent = self.sync_dir / "sent"
-            sent.mkdir(parents=True, exist_ok=True)
-            write_atomic(sent / side.name, json.dumps({**doc, **result}).encode())
-            side.unlink()
-            if result.get("status") in ("stored", "already have it"):
-                Path(doc["file"]).unlink(missing_ok=True)  # the outbox copy is no longer needed
-            out.append(result)
+        sides = sorted((self.sync_dir / "pending").glob("*.json"))
+        with progress("upload", len(sides)) as advance:
+            for side in sides:
+                out.append(self._upload_side(side))
+                advance(1)
         return out
+
+    def _upload_side(self, side: Path) -> dict:
+        """Upload one queued update; the answer is recorded under sent/ before the queue entry goes."""
+        doc = json.loads(side.read_text())
+        result = self.upload(Path(doc["file"]), side.stem, int(doc["round"]), int(doc["base_version"]))
+        sent = self.sync_dir / "sent"
+        sent.mkdir(parents=True, exist_ok=True)
+        write_atomic(sent / side.name, json.dumps({**doc, **result}).encode())
+        side.unlink()
+        if result.get("status") in ("stored", "already have it"):
+            Path(doc["file"]).unlink(missing_ok=True)  # the outbox copy is no longer needed
+        return result
 
     def upload(self, path: Path, update_id: str, round_id: int, base_version: int) -> dict:
         plain = Path(path).read_bytes()
