@@ -33,7 +33,7 @@ def clinic_state(k: dict) -> str:
         return "charged, no update written"
     if k["on_server"] == 0:
         return "update written, not sent" if k["pending"] == 0 else "update queued, not sent"
-    return "stored by the server, clinic not told" if k["pending"] else "done"
+    return "stored by the server, clinic not told" if k["pending"] else "stored, answer recorded"
 
 
 def server_state(k: dict) -> str:
@@ -47,7 +47,8 @@ def server_state(k: dict) -> str:
 def restart_outcome(row: dict) -> str:
     if row["side"] == "clinic":
         extra = row["extra_charges"]
-        how = {"stored": "sent", "already have it": "re-sent, server had it"}[row["restart_upload"]]
+        how = {"stored": "sent", "already have it": "re-sent, server had it",
+               "nothing to send": "nothing left to send"}[row["restart_upload"]]
         return f"{how}; {'1 extra charge (crash after charging)' if extra else 'no extra charge'}"
     ups = collections.Counter(row["restart_uploads"])
     return "aggregated once; re-sent: " + ", ".join(f"{n}x {s}" for s, n in sorted(ups.items()))

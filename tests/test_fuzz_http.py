@@ -182,3 +182,18 @@ def test_fuzz_update_metadata(fuzzed, meta):
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     assert fuzzed.send_update(buf.getvalue(), uid) in (200, 409, 422)
+
+
+def test_update_member_that_is_not_an_array_is_refused(fuzzed):
+    """Found by atheris (benchmarks/fuzz_atheris.py): an npz member not named .npy loads as raw
+    bytes; the server answered 500 before it checked the type."""
+    import zipfile
+
+    uid = fuzzed.next_id("raw-member")
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for k in fuzzed.head:
+            zf.writestr(f"delta/{k}", b"not an array")
+        zf.writestr("meta.json", json.dumps({"update_id": uid, **GOOD_META}).encode())
+    resp_status = fuzzed.send_update(buf.getvalue(), uid)
+    assert resp_status == 422
