@@ -54,7 +54,7 @@ def restart_outcome(row: dict) -> str:
     return "aggregated once; re-sent: " + ", ".join(f"{n}x {s}" for s, n in sorted(ups.items()))
 
 
-def plot(rows: list[dict]) -> Path:
+def plot(rows: list[dict], violations: int) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -74,7 +74,7 @@ def plot(rows: list[dict]) -> Path:
                 ax.text(j, i, str(grid[i, j]), ha="center", va="center")
     ax.set_yticks(range(len(phases)), [f"{s}: killed during {p}" for s, p in phases])
     ax.set_xticks(range(len(states)), states, rotation=30, ha="right", fontsize=8)
-    ax.set_title(f"kill -9 at {len(rows)} points: the state left behind (every one recovered, invariants held)")
+    ax.set_title(f"kill -9 at {len(rows)} points: the state left behind; {violations} invariant violations after restart")
     fig.tight_layout()
     path = png_path("fault_matrix")
     fig.savefig(path, dpi=110)
@@ -104,7 +104,7 @@ def main() -> None:
     figures = {"scenarios": len(rows), "violations": len(failed), "pytest": tail, "seconds": round(seconds, 1),
                "seeded_points_per_phase": args.seeds, "matrix": {k: dict(v) for k, v in sorted(table.items())}}
     print(json.dumps(figures, indent=2))
-    png = plot(rows)
+    png = plot(rows, len(failed))
     path = write_result("fault_matrix", figures, {"failed": failed, "scenarios": rows, "plot": png.name})
     print(f"wrote {path} and {png}")
     if proc.returncode != 0:

@@ -59,7 +59,8 @@ NAMED_CLINIC = {
     "finetune": ["finetune:rename-done:state/clinic.json",  # dataset registered, nothing charged yet
                  "finetune:write-done:",  # the charge is on disk, its head record not yet
                  "finetune:rename-done:outbox/"],  # the update exists, it is not queued yet
-    "upload": ["upload:http-done:POST /v1/updates"],  # the server stored it, the clinic does not know
+    "upload": ["upload:http:POST /v1/updates",  # queued, the request not sent
+               "upload:http-done:POST /v1/updates"],  # the server stored it, the clinic does not know
 }
 NAMED_SERVER = {
     "upload": ["upload:sql:INSERT INTO updates >2"],  # the first update is committed, its answer not sent
