@@ -32,7 +32,7 @@ from .server_util import ServerProcess, edge_server
 
 SETTINGS = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "60")), deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-CLINICS = 16
+CLINICS = 4  # more are enrolled as damaged-but-valid updates use them up (one update per clinic and round)
 json_values = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=20),
                            lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=5),
                            max_leaves=12)
@@ -40,12 +40,15 @@ json_values = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70
 
 class Fuzzed:
     """The live server, its enrolled clinics (one is retired each time an update is accepted: a
-    clinic sends one update per round) and what was accepted."""
+    clinic sends one update per round; another is enrolled when none is left) and what was accepted."""
 
-    def __init__(self, home, srv, clinics, head) -> None:
-        self.home, self.srv, self.clinics, self.head = home, srv, clinics, head
+    def __init__(self, home, root, srv, head) -> None:
+        self.home, self.root, self.srv, self.head = home, root, srv, head
         self.accepted: list[str] = []
-        self.n = self.ids = 0  # requests sent, update ids made
+        self.n = self.ids = self.enrolled = 0  # requests sent, update ids made, clinics enrolled
+        self.clinics: list[Client] = []
+        for _ in range(CLINICS):
+            self.enroll_one()
 
     @property
     def clinic(self) -> Client:
@@ -75,29 +78,34 @@ class Fuzzed:
         resp = self.post("/v1/updates", env.to_json())
         if resp.status_code == 200:  # a damaged update that is still a valid one: this clinic is done for the round
             self.accepted.append(update_id)
-            if len(self.clinics) > 1:
-                self.clinics.pop(0)
+            self.clinics.pop(0)
+            if not self.clinics:
+                self.enroll_one()
         return resp.status_code
+
+    def enroll_one(self) -> None:
+        from server.service import Server
+
+        name = f"fuzz-{self.enrolled}"
+        self.enrolled += 1
+        lib = Server(Home(self.home))
+        try:
+            enroll(self.root / name, self.srv.url, lib.issue_token(name), "x25519")
+        finally:
+            lib.engine.dispose()
+        self.clinics.append(Client(self.root / name, retries=0, timeout=20))
 
 
 @pytest.fixture(scope="module")
 def fuzzed(tmp_path_factory, micro_out):
     root = tmp_path_factory.mktemp("fuzz-http")
     home = root / "home"
-    assert edge_server("init", "--home", str(home), "--min-clients", "1000", "--round-seconds", "86400").returncode == 0
+    assert edge_server("init", "--home", str(home), "--min-clients", "100000", "--round-seconds", "86400").returncode == 0
     assert edge_server("publish", "--home", str(home), str(micro_out / "bundle")).returncode == 0
     srv = ServerProcess(home, None).start()
-    from server.service import Server
-
-    lib = Server(Home(home))
-    clinics = []
-    for i in range(CLINICS):
-        enroll(root / f"c{i}", srv.url, lib.issue_token(f"fuzz-{i}"), "x25519")
-        clinics.append(Client(root / f"c{i}", retries=0, timeout=20))
-    lib.engine.dispose()
     with np.load(micro_out / "bundle" / "head.npz") as z:
         head = {k: z[k] for k in z.files}
-    f = Fuzzed(home, srv, clinics, head)
+    f = Fuzzed(home, root, srv, head)
     yield f
     try:  # still serving, and only what was accepted is stored
         assert f.clinic.get_json("/v1/model")["version"] == 1
@@ -108,7 +116,7 @@ def fuzzed(tmp_path_factory, micro_out):
             assert conn.execute(select(func.count()).select_from(db.versions)).scalar_one() == 1
         engine.dispose()
         assert ids == sorted(f.accepted) and n_round == len(ids), (ids, f.accepted)
-        print(f"HTTP fuzz: {f.n} requests, {len(f.accepted)} damaged updates were still valid and accepted")
+        print(f"HTTP fuzz: {f.n} requests, {len(f.accepted)} damaged updates were still valid and accepted, {f.enrolled} clinics")
     finally:
         srv.stop()
 
