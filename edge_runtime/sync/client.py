@@ -35,8 +35,8 @@ from ..bundle import (
     load_bundle,
 )
 from ..errors import BadInput, BundleError, Refused
+from ..finetune.state import bundle_head_key, read_update
 from ..fsutil import fsync_tree, replace_dir, temp_path, write_atomic
-from ..progress import progress
 from ..keys import (
     generate_key,
     key_id,
@@ -45,6 +45,7 @@ from ..keys import (
     save_private_key,
     save_public_key,
 )
+from ..progress import progress
 from . import protocol
 from .hpke import DEFAULT_KEM, KEMS, HpkePublic, seal
 
@@ -179,8 +180,6 @@ class Client:
     def unsent_update(self, bundle: Bundle) -> Path | None:
         """An outbox update fine-tuned on ``bundle``'s head that was never queued (its run died between
         writing it and queueing it, or `edge-run finetune` made it): sending it costs no new privacy."""
-        from ..finetune.state import bundle_head_key, read_update
-
         known = {p.stem for folder in ("pending", "sent") for p in (self.sync_dir / folder).glob("*.json")}
         key = bundle_head_key(bundle)
         for path in sorted((self.root / "outbox").glob("*.npz"), key=lambda p: p.stat().st_mtime, reverse=True):
