@@ -58,7 +58,6 @@ def write_bundle(out_dir: Path, files: dict[str, Path], body: dict, key: Ed25519
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(out_dir)
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
         listing = {}
         for name, src in sorted(files.items()):

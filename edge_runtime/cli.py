@@ -482,14 +482,15 @@ def sync(state_dir: Path, url: str | None, manifest: Path | None, epsilon: float
         report["finetune"] = "skipped (no open round on this version)"
     elif (done := contributed(state_dir, int(rnd["id"]))) is not None:
         report["finetune"] = f"skipped (already sent {done} for round {rnd['id']})"
-    elif (made := client.unsent_update(bundle)) is not None:  # made on this version by a run that died before queueing it
-        client.queue(made, int(rnd["id"]), int(status["version"]))
-        report["finetune"] = f"skipped (update {made.stem} was made on this version already; queued, no new privacy cost)"
-        report["uploads"] += client.upload_pending()
     else:
-        ft = run_finetune(bundle, cases, State(state_dir), opts)
-        client.queue(Path(ft["update"]), int(rnd["id"]), int(status["version"]))
-        report["finetune"] = {"update_id": ft["update_id"], "validation": ft["validation"], "privacy": ft["privacy"]}
+        made = client.unsent_update(bundle)  # made on this version by a run that died before queueing it
+        if made is not None:
+            report["finetune"] = f"skipped (update {made.stem} was made on this version already; queued, no new privacy cost)"
+        else:
+            ft = run_finetune(bundle, cases, State(state_dir), opts)
+            made = Path(ft["update"])
+            report["finetune"] = {"update_id": ft["update_id"], "validation": ft["validation"], "privacy": ft["privacy"]}
+        client.queue(made, int(rnd["id"]), int(status["version"]))
         report["uploads"] += client.upload_pending()
     refused = [u for u in report["uploads"] if u.get("status") == "refused"]
     if as_json:

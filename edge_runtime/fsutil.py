@@ -34,31 +34,30 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _left_by_a_dead_process(path: Path, pid: int) -> bool:
+    if os.name == "nt":  # signal 0 would kill a live process there: go by age instead
+        try:
+            return time.time() - path.stat().st_mtime >= STALE_SECONDS_WITHOUT_PID_CHECK
+        except OSError:
+            return False
+    return not _alive(pid)
+
+
 def sweep_temps(root: Path) -> int:
     """Remove temporary files and folders left under ``root`` by crashed processes; the count.
 
-    Only this host's leftovers whose process is gone (on Windows, where signal 0 would kill a live
-    process, those older than a day); a temporary name from another host or a live process stays."""
+    Only this host's leftovers whose process is gone (on Windows, those older than a day); a
+    temporary name from another host or a live process stays."""
     removed = 0
-    if not Path(root).is_dir():
-        return 0
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in os.walk(root):  # nothing when root does not exist
         for name in [*dirnames, *filenames]:
             m = _TEMP.match(name)
-            if not m or m["host"] != _HOST:
-                continue
             path = Path(dirpath) / name
-            if os.name == "nt":
-                try:
-                    if time.time() - path.stat().st_mtime < STALE_SECONDS_WITHOUT_PID_CHECK:
-                        continue
-                except OSError:
-                    continue
-            elif _alive(int(m["pid"])):
+            if not m or m["host"] != _HOST or not _left_by_a_dead_process(path, int(m["pid"])):
                 continue
-            if path.is_dir() and not path.is_symlink():
+            if name in dirnames and not path.is_symlink():
                 shutil.rmtree(path, ignore_errors=True)
-                dirnames.remove(name) if name in dirnames else None
+                dirnames.remove(name)  # do not walk into what was removed
             else:
                 path.unlink(missing_ok=True)
             removed += 1
