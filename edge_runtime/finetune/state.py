@@ -19,7 +19,6 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 
 from ..bundle import Bundle
 from ..errors import BadInput, Refused
@@ -131,17 +130,9 @@ class State:
     # ------------------------------------------------------------ outbox
 
     def write_update(self, update_id: str, delta: Params, meta: dict) -> Path:
-        folder = self.root / "outbox"
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{update_id}.npz"
-        arrays = {f"delta/{k}": np.asarray(v, dtype=np.float32) for k, v in delta.items()}
-        arrays["meta.json"] = np.frombuffer(json.dumps(meta, sort_keys=True).encode(), dtype=np.uint8)
-        import io
+        from ..sync import update as codec
 
-        buf = io.BytesIO()
-        np.savez(buf, **arrays)
-        write_atomic(path, buf.getvalue(), mode=0o600)
-        return path
+        return codec.write(self.root / "outbox" / f"{update_id}.npz", delta, meta)
 
 
 class NothingToRollBack(Refused):
@@ -171,7 +162,7 @@ def bundle_head(bundle: Bundle) -> tuple[Params, int, int]:
 
 
 def read_update(path: Path) -> tuple[Params, dict]:
-    with np.load(path, allow_pickle=False) as data:
-        meta = json.loads(bytes(data["meta.json"]).decode())
-        delta = {k[len("delta/"):]: data[k] for k in data.files if k.startswith("delta/")}
-    return delta, meta
+    from ..sync import update as codec
+
+    u = codec.read(path)
+    return u.delta, u.meta

@@ -35,7 +35,7 @@ from ..bundle import (
     load_bundle,
 )
 from ..errors import BadInput, BundleError, Refused
-from ..finetune.state import bundle_head_key, read_update
+from ..finetune.state import bundle_head_key
 from ..fsutil import fsync_tree, replace_dir, temp_path, write_atomic
 from ..keys import (
     generate_key,
@@ -46,8 +46,8 @@ from ..keys import (
     save_public_key,
 )
 from ..progress import progress
-from . import protocol
-from .hpke import DEFAULT_KEM, KEMS, HpkePublic, seal
+from . import protocol, update as codec
+from .hpke import DEFAULT_KEM, KEMS, HpkePublic
 
 RETRY_STATUS = {500, 502, 503, 504}
 
@@ -186,8 +186,8 @@ class Client:
             if path.stem in known:
                 continue
             try:
-                meta = read_update(path)[1]
-            except (OSError, ValueError, KeyError):
+                meta = codec.read(path).meta
+            except BadInput:
                 continue  # not ours to judge here; the server would refuse it anyway
             if meta.get("base_head") == key and meta.get("update_id") == path.stem:
                 return path
@@ -215,11 +215,8 @@ class Client:
         return result
 
     def upload(self, path: Path, update_id: str, round_id: int, base_version: int) -> dict:
-        plain = Path(path).read_bytes()
-        kem = self.config.kem
-        env = protocol.Envelope.build(self.key, update_id, self.config.clinic, round_id, base_version, kem, b"")
-        sealed = seal(plain, self.hpke, env.info(), kem)
-        env = protocol.Envelope.build(self.key, update_id, self.config.clinic, round_id, base_version, kem, sealed)
+        env = codec.seal(Path(path).read_bytes(), key=self.key, hpke_public=self.hpke, update_id=update_id,
+                         clinic=self.config.clinic, round_id=round_id, base_version=base_version, kem=self.config.kem)
         resp = self.request("POST", "/v1/updates", env.to_json())
         if resp.status_code == 200:
             return {"update_id": update_id, **resp.json()}

@@ -1,0 +1,170 @@
+"""The update format, one home: a clinic's head delta plus its released metadata (DESIGN §8).
+
+    UPDATE.npz     delta/NAME (float32, one per head parameter) + meta.json (UTF-8 JSON, uint8 array)
+
+Written by the clinic (``write``), opened by the server (``decode`` + ``validate`` against the head
+of the version it was trained on), sealed with HPKE to the server key and signed by the clinic
+(``seal``), opened on arrival (``open_envelope``). Everything else (clinic state, server, tests,
+benchmarks) goes through these functions.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import zipfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from .. import MODALITIES
+from ..errors import BadInput
+from ..fsutil import write_atomic
+from .hpke import HpkePrivate, HpkePublic, open_sealed, seal as hpke_seal, update_info
+from .protocol import Envelope
+
+Params = dict[str, np.ndarray]
+DELTA_PREFIX = "delta/"
+META = "meta.json"
+MAX_N = 10**9
+
+
+class UpdateError(BadInput):
+    """An update that cannot be read or does not fit the model it claims to change."""
+
+
+@dataclass(frozen=True)
+class Update:
+    delta: Params
+    meta: dict
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What aggregation needs of a validated update, computed once when it arrives."""
+
+    n: int
+    val_loss: float
+    modality_fraction: dict[str, float] = field(default_factory=dict)
+    noise_multiplier: float = 0.0
+    norm: float = 0.0  # L2 norm of the whole delta (float64 sums)
+    sha256_plain: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, doc: dict) -> "Summary":
+        return cls(n=int(doc["n"]), val_loss=float(doc["val_loss"]), modality_fraction=dict(doc.get("modality_fraction", {})),
+                   noise_multiplier=float(doc.get("noise_multiplier", 0.0)), norm=float(doc.get("norm", 0.0)),
+                   sha256_plain=str(doc.get("sha256_plain", "")))
+
+
+# ------------------------------------------------------------------ bytes and files
+
+
+def encode(delta: Params, meta: dict) -> bytes:
+    arrays = {f"{DELTA_PREFIX}{k}": np.asarray(v, dtype=np.float32) for k, v in sorted(delta.items())}
+    arrays[META] = np.frombuffer(json.dumps(meta, sort_keys=True).encode(), dtype=np.uint8)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def decode(data: bytes, max_bytes: int | None = None) -> Update:
+    """Parse update bytes; ``max_bytes`` bounds the uncompressed size (checked before numpy reads)."""
+    try:
+        if max_bytes is not None:
+            with zipfile.ZipFile(io.BytesIO(data)) as zf:
+                if sum(i.file_size for i in zf.infolist()) > max_bytes:
+                    raise UpdateError("update is larger than the model it claims to change")
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            meta = json.loads(bytes(z[META]).decode())
+            delta = {k[len(DELTA_PREFIX):]: z[k] for k in z.files if k.startswith(DELTA_PREFIX)}
+    except UpdateError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - anything unreadable is refused, whatever numpy/zipfile raised
+        raise UpdateError(f"update is not a readable .npz with {META} ({type(exc).__name__})") from None
+    if not isinstance(meta, dict):
+        raise UpdateError(f"update {META} is not a JSON object")
+    return Update(delta, meta)
+
+
+def write(path: Path, delta: Params, meta: dict) -> Path:
+    """Atomically (temporary name, fsync, rename), mode 0600: it is derived from patient data."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, encode(delta, meta), mode=0o600)
+    return path
+
+
+def read(path: Path) -> Update:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise UpdateError(f"{path}: update is unreadable ({exc})") from exc
+    try:
+        return decode(data)
+    except UpdateError as exc:
+        raise UpdateError(f"{path}: {exc}") from None
+
+
+# ------------------------------------------------------------------ validation
+
+
+def size_limit(reference: Params) -> int:
+    return 4 * sum(v.nbytes for v in reference.values()) + 2**16
+
+
+def norm(delta: Params) -> float:
+    return float(math.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in delta.values())))
+
+
+def validate(update: Update, reference: Params, update_id: str | None = None) -> Summary:
+    """Names and shapes of ``reference``, finite float values, metadata in range; the summary that
+    aggregation uses. UpdateError with the reason otherwise."""
+    delta, meta = update.delta, update.meta
+    if set(delta) != set(reference):
+        raise UpdateError(f"update parameter names differ from the model's ({sorted(set(delta) ^ set(reference))[:3]})")
+    for name, ref in reference.items():
+        arr = delta[name]
+        if not isinstance(arr, np.ndarray):  # an npz member not named .npy loads as raw bytes
+            raise UpdateError(f"{name}: not an array")
+        if arr.shape != ref.shape:
+            raise UpdateError(f"wrong shape for {name}: {arr.shape} != {ref.shape}")
+        if arr.dtype.kind != "f" or not np.all(np.isfinite(arr)):
+            raise UpdateError(f"{name}: non-finite or non-float values")
+    try:
+        n, loss = int(meta["n"]), float(meta["val_loss"])
+        fractions = {m: float(meta.get("modality_fraction", {}).get(m, 0.0)) for m in MODALITIES}
+        sigma = float(meta.get("noise_multiplier", 0.0))
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
+        raise UpdateError(f"update metadata is malformed ({exc!r})") from None
+    if not (0 < n <= MAX_N) or not np.isfinite(loss) or loss < 0 or not np.isfinite(sigma) or sigma < 0 \
+            or not all(0.0 <= f <= 1.0 for f in fractions.values()):
+        raise UpdateError("update metadata out of range (n > 0, finite loss >= 0, fractions in [0, 1], sigma >= 0)")
+    if update_id is not None and meta.get("update_id", update_id) != update_id:
+        raise UpdateError("update id inside the sealed update differs from the envelope's")
+    total = norm(delta)
+    if not np.isfinite(total):
+        raise UpdateError("update norm is not finite")
+    return Summary(n=n, val_loss=loss, modality_fraction=fractions, noise_multiplier=sigma, norm=total)
+
+
+# ------------------------------------------------------------------ sealing
+
+
+def seal(data: bytes, *, key: Ed25519PrivateKey, hpke_public: HpkePublic, update_id: str, clinic: str, round_id: int,
+         base_version: int, kem: str) -> Envelope:
+    """HPKE-seal update bytes to the server, the ``info`` binding clinic, round, base version and
+    update id, and sign the sealed bytes with the clinic key."""
+    info = update_info(clinic, round_id, base_version, update_id, kem)
+    return Envelope.build(key, update_id, clinic, round_id, base_version, kem, hpke_seal(data, hpke_public, info, kem))
+
+
+def open_envelope(env: Envelope, hpke_private: HpkePrivate) -> bytes:
+    """The plaintext update bytes (SealError when tampered or bound to something else)."""
+    return open_sealed(env.sealed_bytes(), hpke_private, env.info(), env.kem)
