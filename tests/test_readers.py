@@ -53,6 +53,39 @@ def test_dicom_rescale_slope_and_intercept_applied(tmp_path):
     assert np.allclose(read_ct(tmp_path / "s", GRID), vol, atol=1.01)
 
 
+def _restore_slice(path, **tags):
+    ds = pydicom.dcmread(path)
+    for keyword, value in tags.items():
+        if value is None:
+            delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+    ds.save_as(path)
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR DS")  # the test writes them on purpose
+@pytest.mark.parametrize("slope,intercept", [(0, -1024), ("inf", -1024), (1, "nan")])
+def test_dicom_unusable_rescale_refused_with_the_file(tmp_path, slope, intercept):
+    # Regression (issue 14 item 6): slope 0 was read as 1 (`float(... or 1)`) and the volume accepted.
+    write_dicom_series(_phantom(), GRID.spacing_mm, tmp_path / "s", "c1")
+    victim = sorted((tmp_path / "s").iterdir())[3]
+    _restore_slice(victim, RescaleSlope=slope, RescaleIntercept=intercept)
+    with pytest.raises(BadInput, match=f"{victim.name}: DICOM rescale slope/intercept .* unusable"):
+        read_ct(tmp_path / "s", GRID)
+
+
+def test_dicom_missing_rescale_tags_mean_slope_1_intercept_0(tmp_path):
+    vol = _phantom()
+    write_dicom_series(vol, GRID.spacing_mm, tmp_path / "s", "c1")
+    for f in (tmp_path / "s").iterdir():  # bake the intercept into the stored values, then drop both tags
+        ds = pydicom.dcmread(f)
+        ds.PixelRepresentation = 1
+        ds.PixelData = (ds.pixel_array.astype(np.int32) + int(ds.RescaleIntercept)).astype(np.int16).tobytes()
+        ds.save_as(f)
+        _restore_slice(f, RescaleSlope=None, RescaleIntercept=None)
+    assert np.allclose(read_ct(tmp_path / "s", GRID), vol, atol=0.5)
+
+
 def test_dicom_spacing_from_tags_resamples(tmp_path):
     vol = _phantom(d=16, h=32, w=32)
     write_dicom_series(vol, (2.0, 1.0, 1.0), tmp_path / "s", "c1")  # twice as fine as the grid

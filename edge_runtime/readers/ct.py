@@ -113,15 +113,25 @@ def _check_ct(ds, where: Path) -> None:
 
 
 def _rescale(ds, where: Path) -> tuple[float, float]:
-    """RescaleSlope / RescaleIntercept (stored value -> HU); absent tags mean 1 and 0."""
-    try:
-        slope = float(_get(ds, "RescaleSlope", where, 1) or 1)
-        intercept = float(_get(ds, "RescaleIntercept", where, 0) or 0)
-    except (TypeError, ValueError) as exc:
-        raise BadInput(f"{where}: DICOM rescale tags are not numeric") from exc
+    """RescaleSlope / RescaleIntercept (stored value -> HU); absent (or empty) tags mean 1 and 0.
+
+    A slope of 0 is refused, not taken for "absent": it would turn every voxel into the intercept.
+    """
+    slope = _rescale_value(ds, "RescaleSlope", 1.0, where)
+    intercept = _rescale_value(ds, "RescaleIntercept", 0.0, where)
     if not (np.isfinite(slope) and np.isfinite(intercept)) or slope == 0:
-        raise BadInput(f"{where}: DICOM rescale slope/intercept {slope}/{intercept} are unusable")
+        raise BadInput(f"{where}: DICOM rescale slope/intercept {slope}/{intercept} are unusable (slope must be finite and non-zero)")
     return slope, intercept
+
+
+def _rescale_value(ds, keyword: str, absent: float, where: Path) -> float:
+    value = _get(ds, keyword, where)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return absent  # only a missing or empty tag takes the default; 0 is a value
+    try:
+        return float(value)
+    except (TypeError, ValueError) as exc:
+        raise BadInput(f"{where}: DICOM tag {keyword} is not numeric") from exc
 
 
 @dataclass(frozen=True)
