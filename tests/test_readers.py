@@ -246,6 +246,60 @@ def test_tile_folder_and_grey_and_rgba(tmp_path):
     assert len(tiles) == 2 and all(t.shape == (8, 8, 3) for t in tiles)
 
 
+def _png_rgb16(path, rgb):
+    """A 16-bit-per-channel RGB PNG (Pillow cannot write one), chunks by hand."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    h, w, _ = rgb.shape
+    raw = b"".join(b"\x00" + rgb[y].astype(">u2").tobytes() for y in range(h))
+    header = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("suffix", [".tif", ".png"])
+def test_16bit_grey_tile_refused_not_saturated(tmp_path, suffix):
+    # Regression (issue 14 item 7): Pillow's I;16 -> RGB clipped every value above 255 to white and
+    # the tile was used; a 16-bit grey image is a fluorescence channel or a raw export, refused.
+    grey = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)  # 0 .. 65520
+    Image.fromarray(grey).save(tmp_path / f"f{suffix}")
+    with pytest.raises(BadInput, match=f"f{suffix}: single-channel 16-bit image .* 8-bit RGB"):
+        read_tiles(tmp_path / f"f{suffix}")
+    Image.fromarray(grey.astype(np.float32)).save(tmp_path / "f32.tif")
+    with pytest.raises(BadInput, match="f32.tif: single-channel 32-bit float image"):
+        read_tiles(tmp_path / "f32.tif")
+
+
+def test_16bit_rgb_tile_mapped_by_its_full_range(tmp_path):
+    rgb = np.zeros((8, 8, 3), np.uint16)
+    rgb[..., 0], rgb[..., 1], rgb[..., 2] = 65535, 32768, 257
+    _png_rgb16(tmp_path / "t.png", rgb)
+    (tile,) = read_tiles(tmp_path / "t.png")
+    assert tile.dtype == np.uint8 and tuple(tile[0, 0]) == (255, 128, 1)  # value * 255 / 65535
+
+
+def test_dicom_tile_scaled_by_bits_stored(tmp_path):
+    # 12-bit RGB in 16-bit words: scaled by 4095, not by the word's 65535 (which made it near black)
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.SOPClassUID, ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.Rows, ds.Columns = "OT", 4, 4
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    pixels = np.zeros((4, 4, 3), np.uint16)
+    pixels[..., 0], pixels[..., 1] = 4095, 2048
+    ds.PixelData = pixels.tobytes()
+    ds.save_as(tmp_path / "t.dcm", enforce_file_format=True)
+    (tile,) = read_tiles(tmp_path / "t.dcm")
+    assert tuple(tile[0, 0]) == (255, 128, 0)
+
+
 def test_dicom_secondary_capture_tiles():
     (tile,) = read_tiles(Path(get_testdata_file("SC_rgb_jpeg.dcm")))
     assert tile.shape == (256, 256, 3)

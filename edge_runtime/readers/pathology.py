@@ -1,5 +1,14 @@
 """Pathology tiles: PNG / JPEG / TIFF through Pillow, DICOM secondary capture or VL whole-slide tiles
-through pydicom. Always returns RGB uint8 (H, W, 3)."""
+through pydicom. Always returns RGB uint8 (H, W, 3).
+
+Bit depth: the model reads 8-bit RGB brightfield tiles. A 16-bit-per-channel RGB file (48-bit TIFF
+or PNG export of a brightfield scan) is mapped by its full 16-bit range, value * 255 / 65535 (Pillow
+keeps the top 8 bits). A single-channel image deeper than 8 bits (16-bit or 32-bit integer, float)
+is refused: in a pathology lab that is a fluorescence channel or a raw scanner export, not an H&E
+tile, and every choice of display range for it (full 16 bits, the file's maximum, a percentile)
+would feed the model a picture it was never trained on; Pillow's own conversion clips everything
+above 255 to white. DICOM tiles deeper than 8 bits are scaled by their BitsStored maximum.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +21,8 @@ from ..errors import BadInput
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 DICOM_SUFFIXES = (".dcm", ".dicom")
 MAX_PIXELS = 64_000_000  # a tile, not a whole slide: refuse decompression bombs
+# Pillow modes of single-channel images deeper than 8 bits (I;16* = 16-bit, I = 32-bit int, F = float)
+DEEP_GREY_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}
 PATHOLOGY_MODALITIES = {"SM", "OT", "XC", "GM"}  # slide microscopy, other, external camera, general microscopy
 
 
@@ -41,6 +52,11 @@ def _read_image(path: Path) -> np.ndarray:
         with Image.open(path) as img:
             if img.width * img.height > MAX_PIXELS:
                 raise BadInput(f"{path}: image is {img.width}x{img.height}, too large for a tile")
+            if img.mode in DEEP_GREY_MODES:
+                raise BadInput(
+                    f"{path}: single-channel {_depth(img.mode)} image (likely a fluorescence channel or a raw scanner "
+                    "export); pathology tiles must be 8-bit RGB brightfield images: export the tile as 8-bit RGB"
+                )
             img.load()
             rgb = img.convert("RGB")
     except BadInput:
@@ -51,6 +67,10 @@ def _read_image(path: Path) -> np.ndarray:
     if arr.size == 0:
         raise BadInput(f"{path}: image is empty")
     return arr
+
+
+def _depth(mode: str) -> str:
+    return {"I": "32-bit integer", "F": "32-bit float"}.get(mode, "16-bit")
 
 
 def _read_dicom_tiles(path: Path) -> list[np.ndarray]:
@@ -73,8 +93,19 @@ def _read_dicom_tiles(path: Path) -> list[np.ndarray]:
     if pixels.dtype != np.uint8:
         if not np.issubdtype(pixels.dtype, np.integer):
             raise BadInput(f"{path}: pathology pixels are {pixels.dtype}, expected integers")
-        pixels = (pixels.astype(np.float64) / np.iinfo(pixels.dtype).max * 255).round().clip(0, 255)
+        pixels = (pixels.astype(np.float64) / _stored_max(ds, pixels.dtype) * 255).round().clip(0, 255)
     if pixels.ndim not in (3, 4) or pixels.shape[-1] != 3:
         raise BadInput(f"{path}: pathology pixel data has shape {pixels.shape}, expected RGB frames")
     frames = pixels if pixels.ndim == 4 else pixels[None]
     return [np.ascontiguousarray(f, dtype=np.uint8) for f in frames]
+
+
+def _stored_max(ds, dtype: np.dtype) -> int:
+    """Largest value the tile's BitsStored allows (12-bit data in 16-bit words is common); the word's
+    maximum when the tag is missing or does not fit the word."""
+    container = np.iinfo(dtype).bits
+    try:
+        bits = int(getattr(ds, "BitsStored", container) or container)
+    except (TypeError, ValueError):
+        bits = container
+    return 2 ** (bits if 1 <= bits <= container else container) - 1
