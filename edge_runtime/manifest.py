@@ -1,6 +1,7 @@
 """Case manifests (CSV or JSONL): ``case_id, ct, pathology, genomics, label, site``.
 
-Paths are relative to the manifest's folder and must stay inside it. ``pathology`` may list several
+Paths are relative to the manifest's folder and must stay inside it, and so must every file a
+named folder holds once links are followed (a link that leaves the folder rejects the case). ``pathology`` may list several
 tiles separated by ``;`` or name a folder of tiles. Whole-file problems (missing, unreadable, no
 ``case_id`` column) refuse the manifest; problems of one case reject that case with a reason and the
 others go on.
@@ -127,13 +128,13 @@ def load_case(entry: ManifestEntry, folder: Path, pre: Preprocessing, classes: l
         raise BadInput(entry.problem)
     case = Case(case_id=entry.case_id, site=entry.site, label=parse_label(entry.label, classes))
     if entry.ct:
-        case.ct = read_ct(resolve(folder, entry.ct), TargetGrid(pre.ct.grid, pre.ct.spacing_mm))
+        case.ct = read_ct(resolve(folder, entry.ct), TargetGrid(pre.ct.grid, pre.ct.spacing_mm), within=folder)
         case.ct_spacing = pre.ct.spacing_mm  # the reader already resampled to the bundle grid
     if entry.pathology:
         tiles = []
         for part in (p.strip() for p in entry.pathology.split(";")):
             if part:
-                tiles.extend(read_tiles(resolve(folder, part)))
+                tiles.extend(read_tiles(resolve(folder, part), within=folder))
         case.tiles = tiles
     if entry.genomics:
         case.genomics = read_expression(resolve(folder, entry.genomics), pre.genomics.genes)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -123,3 +124,37 @@ def test_jsonl_garbage_line_is_a_case_problem(tmp_path):
     path.write_text('{"case_id": "a", "ct": "x"}\nnot json\n[1,2]\n')
     problems = [e.problem for e in read_manifest(path).entries]
     assert problems == ["", "line 2 is not valid JSON", "line 3 is not a JSON object"]
+
+
+def test_link_inside_a_named_folder_that_leaves_it_rejects_the_case(tmp_path, cohort, pre):
+    # Regression (issue 14 item 8): the containment check looked at the named folder only; the
+    # readers' directory walks followed a file link inside it to anywhere.
+    site = tmp_path / "site"
+    written = read_manifest(write_cohort(cohort, site, 0, 6, CLASSES))
+    ct_entry = next(e for e in written.entries if e.ct)
+    tile = site / next(e.pathology for e in written.entries if e.pathology)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    slices = sorted((site / ct_entry.ct).iterdir())
+    slices[2].rename(outside / slices[2].name)  # the slice now lives outside, a link takes its place
+    slices[2].symlink_to(outside / slices[2].name)
+    shutil.copy(tile, outside / "t.png")
+    (site / "tiles_out").mkdir()
+    (site / "tiles_out" / "b.png").symlink_to(outside / "t.png")
+    (site / "tiles_in").mkdir()  # a link that stays inside the manifest's folder is fine
+    (site / "tiles_in" / "a.png").symlink_to(tile)
+    rows = [
+        {"case_id": "ct", "ct": ct_entry.ct},
+        {"case_id": "out", "pathology": "tiles_out"},
+        {"case_id": "in", "pathology": "tiles_in"},
+    ]
+    manifest = read_manifest(_jsonl(site / "m.jsonl", rows))
+    outcome = {}
+    for entry in manifest.entries:
+        try:
+            outcome[entry.case_id] = load_case(entry, manifest.folder, pre, CLASSES)
+        except BadInput as exc:
+            outcome[entry.case_id] = str(exc)
+    assert f"{slices[2].name}: links to " in outcome["ct"] and "outside the manifest's folder" in outcome["ct"]
+    assert "b.png: links to " in outcome["out"] and "outside the manifest's folder" in outcome["out"]
+    assert len(outcome["in"].tiles) == 1

@@ -15,6 +15,7 @@ import numpy as np
 
 from ..errors import BadInput
 from ..harmonize import InPlaneResampler, resample_slices
+from . import check_within
 
 MIN_SLICES = 4
 MIN_HU_RANGE = 1.0  # a volume whose values all lie within 1 HU is empty or blank
@@ -30,14 +31,18 @@ class TargetGrid:
     spacing_mm: tuple[float, float, float]
 
 
-def read_ct(path: Path, target: TargetGrid) -> np.ndarray:
-    """HU volume of ``path`` resampled to ``target`` (D, H, W), float32. Refuses with BadInput."""
+def read_ct(path: Path, target: TargetGrid, *, within: Path | None = None) -> np.ndarray:
+    """HU volume of ``path`` resampled to ``target`` (D, H, W), float32. Refuses with BadInput.
+
+    ``within``: every file read must really (links followed) lie inside it (the manifest's folder).
+    """
     path = Path(path)
     if not path.exists():
         raise BadInput(f"{path}: CT file or folder does not exist")
+    check_within(path, within)
     name = path.name.lower()
     if path.is_dir():
-        volume = read_dicom_series(path, target)
+        volume = read_dicom_series(path, target, within=within)
     elif name.endswith((".nii", ".nii.gz")):
         volume = read_nifti(path, target)
     else:
@@ -165,9 +170,13 @@ def _slice_header(path: Path) -> _SliceHeader:
     )
 
 
-def read_dicom_series(source: Path | list[Path], target: TargetGrid, where: Path | None = None) -> np.ndarray:
+def read_dicom_series(
+    source: Path | list[Path], target: TargetGrid, where: Path | None = None, *, within: Path | None = None
+) -> np.ndarray:
     """A folder of single-frame slices (any file names, any order) or one multi-frame file."""
     files = sorted(p for p in Path(source).rglob("*") if p.is_file() and not p.name.startswith(".")) if isinstance(source, Path) else source
+    for p in files:
+        check_within(p, within)  # rglob's is_file() follows a file link wherever it points
     where = where or Path(source)
     if not files:
         raise BadInput(f"{where}: DICOM series folder is empty")

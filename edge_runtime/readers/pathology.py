@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BadInput
+from . import check_within
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 DICOM_SUFFIXES = (".dcm", ".dicom")
@@ -26,14 +27,20 @@ DEEP_GREY_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}
 PATHOLOGY_MODALITIES = {"SM", "OT", "XC", "GM"}  # slide microscopy, other, external camera, general microscopy
 
 
-def read_tiles(path: Path) -> list[np.ndarray]:
-    """One tile file, or every tile file in a folder (sorted by name)."""
+def read_tiles(path: Path, *, within: Path | None = None) -> list[np.ndarray]:
+    """One tile file, or every tile file in a folder (sorted by name). ``within``: every file read
+    must really (links followed) lie inside it (the manifest's folder)."""
     path = Path(path)
     if path.is_dir():
+        check_within(path, within)
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES + DICOM_SUFFIXES)
         if not files:
             raise BadInput(f"{path}: folder has no tile images ({', '.join(IMAGE_SUFFIXES + DICOM_SUFFIXES)})")
+        for f in files:  # all checked before any is decoded: a case is rejected whole
+            check_within(f, within)
         return [tile for f in files for tile in read_tile_file(f)]
+    if path.exists():
+        check_within(path, within)
     return read_tile_file(path)
 
 
