@@ -113,9 +113,14 @@ def prepare_genomics(values: np.ndarray, spec: GenomicsSpec) -> tuple[np.ndarray
     present = values[~missing]
     if np.any(~np.isfinite(present)) or np.any(present < 0):
         raise BadInput("expression vector has negative or infinite values")
-    z = (np.log1p(np.where(missing, 0.0, values)) - np.asarray(spec.mean)) / np.asarray(spec.std)
-    z[missing] = 0.0
-    return z.astype(np.float32)[None], int(missing.sum())
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # refused below, not warned about
+        z = (np.log1p(np.where(missing, 0.0, values)) - np.asarray(spec.mean)) / np.asarray(spec.std)
+        z[missing] = 0.0
+        z32 = z.astype(np.float32)
+    if not np.all(np.isfinite(z32)):
+        bad = int(np.flatnonzero(~np.isfinite(z32))[0])
+        raise BadInput(f"expression of gene {spec.genes[bad]!r} ({values[bad]:.3g}) overflows its z-score (bundle std {spec.std[bad]:.3g})")
+    return z32[None], int(missing.sum())
 
 
 @dataclass

@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pytest
 
@@ -90,3 +92,13 @@ def test_malformed_preprocessing_refused():
     del data["ct"]
     with pytest.raises(BadInput, match="malformed"):
         Preprocessing.from_dict(data)
+
+
+def test_genomics_zscore_overflow_refused_without_a_warning():
+    # Regression (issue 14 item 10b): an overflow in log/z-score printed a numpy RuntimeWarning and
+    # returned inf; now one BadInput naming the gene, no warning.
+    tiny = GenomicsSpec(genes=("A", "B", "C"), mean=(0.0, 0.0, 0.0), std=(1.0, 1e-300, 1.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(BadInput, match="gene 'B' .* overflows its z-score"):
+            prepare_genomics(np.array([1.0, 3e38, 1.0]), tiny)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +73,16 @@ def test_dicom_unusable_rescale_refused_with_the_file(tmp_path, slope, intercept
     _restore_slice(victim, RescaleSlope=slope, RescaleIntercept=intercept)
     with pytest.raises(BadInput, match=f"{victim.name}: DICOM rescale slope/intercept .* unusable"):
         read_ct(tmp_path / "s", GRID)
+
+
+def test_dicom_overflowing_slope_refused_without_a_warning(tmp_path):
+    write_dicom_series(_phantom(), GRID.spacing_mm, tmp_path / "s", "c1")
+    for f in (tmp_path / "s").iterdir():
+        _restore_slice(f, RescaleSlope="1e38")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(BadInput, match="s: CT volume has NaN or infinite values"):
+            read_ct(tmp_path / "s", GRID)
 
 
 def test_dicom_missing_rescale_tags_mean_slope_1_intercept_0(tmp_path):
@@ -339,6 +350,8 @@ def test_long_and_wide_tables(tmp_path):
         ("gene_id,value\nG1,abc\nG2,1\n", "not a number"),
         ("gene_id,value\nG1,-1\nG2,1\n", "non-negative"),
         ("gene_id,value\nG1,inf\nG2,1\n", "finite"),
+        ("gene_id,value\nG1,1e308\nG2,1\n", r"e.csv: line 2: value '1e308' for gene 'G1' is too large"),
+        ("G1,G2\n1,3.5e38\n", r"e.csv: column 'G2': value '3.5e38' .* too large"),
         ("gene_id,value\nG1,1\nG1,2\n", "appears twice"),
         ("gene_id,value\nX,1\nY,2\n", "all genes missing"),
         ("gene_id,value\n", "at least one row"),
@@ -347,9 +360,12 @@ def test_long_and_wide_tables(tmp_path):
     ],
 )
 def test_bad_tables_refused(tmp_path, text, needle):
+    # warnings are errors: 1e308 used to print numpy's cast-overflow RuntimeWarning (issue 14 item 10b)
     (tmp_path / "e.csv").write_text(text)
-    with pytest.raises(BadInput, match=needle):
-        read_expression(tmp_path / "e.csv", GENES)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(BadInput, match=needle):
+            read_expression(tmp_path / "e.csv", GENES)
 
 
 def test_binary_expression_file_refused(tmp_path):

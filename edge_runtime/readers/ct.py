@@ -41,12 +41,13 @@ def read_ct(path: Path, target: TargetGrid, *, within: Path | None = None) -> np
         raise BadInput(f"{path}: CT file or folder does not exist")
     check_within(path, within)
     name = path.name.lower()
-    if path.is_dir():
-        volume = read_dicom_series(path, target, within=within)
-    elif name.endswith((".nii", ".nii.gz")):
-        volume = read_nifti(path, target)
-    else:
-        volume = read_dicom_series([path], target, where=path)
+    with np.errstate(over="ignore", invalid="ignore"):  # a huge slope overflows to inf: refused just below, not warned about
+        if path.is_dir():
+            volume = read_dicom_series(path, target, within=within)
+        elif name.endswith((".nii", ".nii.gz")):
+            volume = read_nifti(path, target)
+        else:
+            volume = read_dicom_series([path], target, where=path)
     _check_not_blank(volume, path)
     return volume
 

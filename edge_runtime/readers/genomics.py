@@ -20,6 +20,7 @@ from ..errors import BadInput
 from ..fsutil import read_text
 
 MAX_BYTES = 64 * 1024 * 1024
+MAX_VALUE = float(np.finfo(np.float32).max)  # the vector is float32: anything larger would become inf
 ID_COLUMNS = {"case_id", "sample", "sample_id", "id"}
 MISSING = {"", "na", "nan", "null"}
 
@@ -74,6 +75,8 @@ def _align(path: Path, pairs: list[tuple[str, str]], where: list[str], genes: tu
             raise BadInput(f"{path}: {loc}: value {cell[:20]!r} for gene {gene!r} is not a number") from exc
         if math.isinf(value) or value < 0:
             raise BadInput(f"{path}: {loc}: value {cell[:20]!r} for gene {gene!r} must be a finite, non-negative expression")
+        if value > MAX_VALUE:
+            raise BadInput(f"{path}: {loc}: value {cell[:20]!r} for gene {gene!r} is too large (above {MAX_VALUE:.2e})")
         if gene in index:
             out[index[gene]] = value
     if np.isnan(out).all():
