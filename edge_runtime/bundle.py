@@ -100,8 +100,7 @@ def load_bundle(root: Path, trusted_key: Ed25519PublicKey) -> Bundle:
     """Verify signer, signature and every file of the bundle at ``root``; refuse on any mismatch."""
     root = Path(root)
     manifest_path = root / MANIFEST
-    if not root.is_dir():
-        raise BundleError(f"{root}: bundle directory does not exist")
+    check_bundle_folder(root)
     try:
         manifest = json.loads(manifest_path.read_bytes())
     except FileNotFoundError as exc:
@@ -120,6 +119,23 @@ def load_bundle(root: Path, trusted_key: Ed25519PublicKey) -> Bundle:
         if path.stat().st_size != meta["size"] or sha256_file(path) != meta["sha256"]:
             raise BundleError(f"{path}: file does not match its SHA-256 in the manifest (tampered or corrupt)")
     return Bundle(root=root, manifest=manifest, preprocessing=Preprocessing.from_dict(manifest["preprocessing"]))
+
+
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".tar.bz2", ".zip")
+
+
+def check_bundle_folder(root: Path) -> None:
+    """A bundle is a folder: say so when a file (an archive, most often) is given in its place."""
+    root = Path(root)
+    if root.is_dir():
+        return
+    if not root.exists():
+        raise BundleError(f"{root}: bundle directory does not exist")
+    unpack = ""
+    if root.name.lower().endswith(ARCHIVE_SUFFIXES):
+        tool = "unzip" if root.name.lower().endswith(".zip") else "tar -xf"
+        unpack = f"; unpack it first ({tool} {root.name}) and give the folder it holds"
+    raise BundleError(f"{root}: is a file, not a bundle: bundles are folders (manifest.json and the files it lists){unpack}")
 
 
 def _check_structure(manifest: dict, where: Path) -> None:

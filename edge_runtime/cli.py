@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from . import MODALITIES
-from .bundle import Bundle, default_public_key_path, load_bundle
+from .bundle import Bundle, check_bundle_folder, default_public_key_path, load_bundle
 from .cliutil import handle_errors
 from .errors import BadInput, BundleError
 from .finetune.state import State, bundle_head_key
@@ -59,6 +59,7 @@ def load_model(loaded: Bundle, variant: str | None, threads: int, state_dir: Pat
 
 
 def open_bundle(bundle: Path, trusted_key: Path | None) -> Bundle:
+    check_bundle_folder(bundle)  # before the key: BUNDLE.tar.pub "missing" would hide the real mistake
     key = load_public_key(trusted_key or default_public_key_path(bundle))
     return load_bundle(bundle, key)
 

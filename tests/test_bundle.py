@@ -113,3 +113,23 @@ def test_key_files(tmp_path, key):
     assert stat.S_IMODE(os.stat(tmp_path / "k.pem").st_mode) == 0o600
     assert key_id(load_private_key(tmp_path / "k.pem").public_key()) == key_id(load_public_key(tmp_path / "k.pub"))
     assert default_public_key_path(tmp_path / "bundle") == tmp_path / "bundle.pub"
+
+
+def test_archive_given_as_bundle_says_bundles_are_folders(tmp_path, bundle, key):
+    # Regression (issue 14 item 10d): a .tar was answered "bundle directory does not exist".
+    import tarfile
+
+    from click.testing import CliRunner
+
+    from edge_runtime.cli import main
+
+    with tarfile.open(tmp_path / "model.tar", "w") as tar:
+        tar.add(bundle, arcname="bundle")
+    with pytest.raises(BundleError, match=r"model.tar: is a file, not a bundle: bundles are folders .* unpack it first \(tar -xf model.tar\)"):
+        load_bundle(tmp_path / "model.tar", key.public_key())
+    # the CLI says it before looking for the default key model.tar.pub, which is not there either
+    result = CliRunner().invoke(main, ["infer", "--bundle", str(tmp_path / "model.tar"), "--synthetic", "--case-id", "1",
+                                       "--state", str(tmp_path / "state")])
+    assert result.exit_code == 2 and "bundles are folders" in result.output and ".pub" not in result.output
+    with pytest.raises(BundleError, match="bundle directory does not exist"):
+        load_bundle(tmp_path / "nowhere", key.public_key())
