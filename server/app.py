@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Annotated
 
 import anyio
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Path, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -21,6 +23,12 @@ from edge_runtime.sync import protocol
 
 from . import rounds
 from .service import Refusal, Server
+
+
+# Rounds and versions are INTEGER columns: 32-bit on PostgreSQL, so larger ids are refused here
+# (422) rather than reaching the database (an overflow there was an HTTP 500).
+DB_INT_MAX = 2**31 - 1
+Version = Annotated[int, Path(ge=1, le=DB_INT_MAX)]
 
 
 class EnrollBody(BaseModel):
@@ -33,8 +41,8 @@ class EnvelopeBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     update_id: str = Field(min_length=1, max_length=128)
     clinic: str = Field(min_length=1, max_length=64)
-    round: int = Field(ge=1)
-    base_version: int = Field(ge=1)
+    round: int = Field(ge=1, le=DB_INT_MAX)
+    base_version: int = Field(ge=1, le=DB_INT_MAX)
     kem: str = Field(max_length=32)
     sealed: str
     signature: str = Field(max_length=200)
@@ -89,6 +97,12 @@ def create_app(srv: Server, tick_seconds: float = 2.0) -> FastAPI:
     async def _refusal(_request: Request, exc: Refusal) -> JSONResponse:
         return refuse(exc.status, exc.reason)
 
+    @app.exception_handler(RequestValidationError)
+    async def _bad_parameter(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0]  # a route parameter (e.g. {version}) out of range: same JSON shape as a Refusal
+        where = ".".join(str(x) for x in first.get("loc", ())) or "request"
+        return refuse(422, f"malformed request: {where}: {first.get('msg')}")
+
     def parse(model, body: bytes):
         try:
             return model.model_validate_json(body)
@@ -109,12 +123,12 @@ def create_app(srv: Server, tick_seconds: float = 2.0) -> FastAPI:
         return await anyio.to_thread.run_sync(srv.status)
 
     @app.get("/v1/bundle/{version}/manifest.json")
-    async def manifest(version: int, request: Request):
+    async def manifest(version: Version, request: Request):
         await anyio.to_thread.run_sync(srv.authenticate, request.headers, "GET", request.url.path, await read_body(request))
         return Response(canonical_json(srv.manifest(version)), media_type="application/json")
 
     @app.get("/v1/bundle/{version}/files/{name:path}")
-    async def bundle_file(version: int, name: str, request: Request):
+    async def bundle_file(version: Version, name: str, request: Request):
         await anyio.to_thread.run_sync(srv.authenticate, request.headers, "GET", request.url.path, await read_body(request))
         files = srv.manifest(version)["files"]
         if name == MANIFEST or name not in files:
