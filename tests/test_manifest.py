@@ -139,12 +139,15 @@ def test_link_inside_a_named_folder_that_leaves_it_rejects_the_case(tmp_path, co
     slices[2].rename(outside / slices[2].name)  # the slice now lives outside, a link takes its place
     slices[2].symlink_to(outside / slices[2].name)
     shutil.copy(tile, outside / "t.png")
+    other_ct = next(e for e in written.entries if e.ct and e.ct != ct_entry.ct)
+    (site / other_ct.ct / "more").symlink_to(outside, target_is_directory=True)  # a linked folder that leaves
     (site / "tiles_out").mkdir()
     (site / "tiles_out" / "b.png").symlink_to(outside / "t.png")
     (site / "tiles_in").mkdir()  # a link that stays inside the manifest's folder is fine
     (site / "tiles_in" / "a.png").symlink_to(tile)
     rows = [
         {"case_id": "ct", "ct": ct_entry.ct},
+        {"case_id": "ct-dir", "ct": other_ct.ct},
         {"case_id": "out", "pathology": "tiles_out"},
         {"case_id": "in", "pathology": "tiles_in"},
     ]
@@ -156,5 +159,6 @@ def test_link_inside_a_named_folder_that_leaves_it_rejects_the_case(tmp_path, co
         except BadInput as exc:
             outcome[entry.case_id] = str(exc)
     assert f"{slices[2].name}: links to " in outcome["ct"] and "outside the manifest's folder" in outcome["ct"]
+    assert "more: links to " in outcome["ct-dir"] and "outside the manifest's folder" in outcome["ct-dir"]
     assert "b.png: links to " in outcome["out"] and "outside the manifest's folder" in outcome["out"]
     assert len(outcome["in"].tiles) == 1

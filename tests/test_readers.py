@@ -284,11 +284,30 @@ def test_16bit_grey_tile_refused_not_saturated(tmp_path, suffix):
         read_tiles(tmp_path / "f32.tif")
 
 
-def test_16bit_rgb_tile_mapped_by_its_full_range(tmp_path):
+def _tiff_rgb16(path, rgb):
+    """A 16-bit-per-channel RGB TIFF, uncompressed, one strip (Pillow cannot write one)."""
+    import struct
+
+    h, w, _ = rgb.shape
+    data = rgb.astype("<u2").tobytes()
+    n, ifd = 10, 8
+    bps = ifd + 2 + 12 * n + 4  # BitsPerSample's three values, then the pixels
+    pixels = bps + 6
+    tags = [(256, 3, 1, w), (257, 3, 1, h), (258, 3, 3, bps), (259, 3, 1, 1), (262, 3, 1, 2), (273, 4, 1, pixels),
+            (277, 3, 1, 3), (278, 3, 1, h), (279, 4, 1, len(data)), (284, 3, 1, 1)]
+    out = b"II*\x00" + struct.pack("<IH", ifd, n)
+    for tag, kind, count, value in tags:
+        inline = kind == 3 and count == 1
+        out += struct.pack("<HHIHH", tag, kind, count, value, 0) if inline else struct.pack("<HHII", tag, kind, count, value)
+    path.write_bytes(out + struct.pack("<I", 0) + struct.pack("<HHH", 16, 16, 16) + data)
+
+
+@pytest.mark.parametrize("writer,name", [(_png_rgb16, "t.png"), (_tiff_rgb16, "t.tif")])
+def test_16bit_rgb_tile_mapped_by_its_full_range(tmp_path, writer, name):
     rgb = np.zeros((8, 8, 3), np.uint16)
     rgb[..., 0], rgb[..., 1], rgb[..., 2] = 65535, 32768, 257
-    _png_rgb16(tmp_path / "t.png", rgb)
-    (tile,) = read_tiles(tmp_path / "t.png")
+    writer(tmp_path / name, rgb)
+    (tile,) = read_tiles(tmp_path / name)
     assert tile.dtype == np.uint8 and tuple(tile[0, 0]) == (255, 128, 1)  # value * 255 / 65535
 
 

@@ -175,9 +175,14 @@ def read_dicom_series(
     source: Path | list[Path], target: TargetGrid, where: Path | None = None, *, within: Path | None = None
 ) -> np.ndarray:
     """A folder of single-frame slices (any file names, any order) or one multi-frame file."""
-    files = sorted(p for p in Path(source).rglob("*") if p.is_file() and not p.name.startswith(".")) if isinstance(source, Path) else source
-    for p in files:
-        check_within(p, within)  # rglob's is_file() follows a file link wherever it points
+    if isinstance(source, Path):
+        entries = sorted(Path(source).rglob("*"))
+        for p in entries:  # rglob's is_file() follows a file link wherever it points; a linked folder
+            if p.is_symlink() or p.is_file():  # is not walked, but one that leaves is refused all the same
+                check_within(p, within)
+        files = [p for p in entries if p.is_file() and not p.name.startswith(".")]
+    else:
+        files = source
     where = where or Path(source)
     if not files:
         raise BadInput(f"{where}: DICOM series folder is empty")
