@@ -126,7 +126,7 @@ def _rescale(ds, where: Path) -> tuple[float, float]:
     slope = _rescale_value(ds, "RescaleSlope", 1.0, where)
     intercept = _rescale_value(ds, "RescaleIntercept", 0.0, where)
     if not (np.isfinite(slope) and np.isfinite(intercept)) or slope == 0:
-        raise BadInput(f"{where}: DICOM rescale slope/intercept {slope}/{intercept} are unusable (slope must be finite and non-zero)")
+        raise BadInput(f"{where}: DICOM rescale slope/intercept {slope}/{intercept} are unusable (both must be finite, the slope non-zero)")
     return slope, intercept
 
 
