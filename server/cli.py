@@ -84,8 +84,9 @@ def serve(home: Path | None, db_url: str | None, host: str, port: int, tick: flo
     from .malloc import limit_arenas
 
     limit_arenas()  # before the server's threads exist
-    app = create_app(open_server(home, db_url), tick)
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_keep_alive=30)
+    srv = open_server(home, db_url)
+    app = create_app(srv, tick)
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_keep_alive=30, limit_concurrency=srv.config.max_connections)
 
 
 @main.command()

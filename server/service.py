@@ -156,6 +156,22 @@ class Server:
 
     # ------------------------------------------------------------ signed requests
 
+    def precheck(self, headers) -> str:
+        """What is refused before a body is read (the signature covers the body's hash, so it is
+        verified after, in authenticate): the signature headers present, well-formed and fresh, the
+        clinic enrolled and not revoked. Returns the clinic's name."""
+        try:
+            clinic = protocol.check_request_headers(headers, max_skew=self.config.max_skew_s)[0]
+        except protocol.AuthError as exc:
+            raise Refusal(401, str(exc)) from exc
+        with self.engine.connect() as conn:
+            row = conn.execute(select(db.clinics.c.revoked_at).where(db.clinics.c.name == clinic)).first()
+        if row is None:
+            raise Refusal(401, f"unknown clinic {clinic!r} (enroll first)")
+        if row.revoked_at is not None:
+            raise Refusal(403, f"clinic {clinic!r} is revoked")
+        return clinic
+
     def authenticate(self, headers, method: str, path: str, body: bytes) -> tuple[str, Ed25519PublicKey]:
         clinic = headers.get(protocol.H_CLINIC)
         if not clinic:
