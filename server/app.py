@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import Annotated
@@ -17,12 +18,17 @@ from fastapi import FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.requests import ClientDisconnect
 
 from edge_runtime.bundle import MANIFEST, canonical_json
 from edge_runtime.sync import protocol
 
 from . import rounds
 from .service import Refusal, Server
+
+log = logging.getLogger(__name__)
+SMALL_BODY = 64 * 2**10  # uvicorn buffers this much per connection anyway: reading it needs no permit
+ENROLL_MAX_BODY = 4 * 2**10  # a token (at most 400 characters) and a public key (100) as JSON
 
 
 # Rounds and versions are INTEGER columns: 32-bit on PostgreSQL, so larger ids are refused here
@@ -46,6 +52,10 @@ class EnvelopeBody(BaseModel):
     kem: str = Field(max_length=32)
     sealed: str
     signature: str = Field(max_length=200)
+
+
+def peer(request: Request) -> str:
+    return f"{request.client.host}:{request.client.port}" if request.client else "?"
 
 
 def refuse(status: int, reason: str) -> JSONResponse:
@@ -82,20 +92,62 @@ def create_app(srv: Server, tick_seconds: float = 2.0) -> FastAPI:
         stop.set()
         wake.set()
 
-    async def read_body(request: Request) -> bytes:
+    large_reads = anyio.Semaphore(srv.config.body_reads)
+
+    async def read_body(request: Request, *, enrollment: bool = False) -> bytes:
+        """The request's body, once what can be refused without it was: the signature headers and
+        the clinic (an enrollment: the headers only, and a few KiB at most). A body above SMALL_BODY
+        (or of unknown length) is read under one of `body_reads` permits, waited for at most
+        `body_wait_s` (then 503: the client retries later): unauthenticated bytes held in memory
+        stay bounded. A body must arrive at `body_min_rate` bytes/s (after `body_grace_s`), else 408."""
+        if enrollment:
+            try:
+                protocol.check_request_headers(request.headers, max_skew=srv.config.max_skew_s)
+            except protocol.AuthError as exc:
+                raise Refusal(401, f"enrollment refused: {exc}") from None
+        else:
+            await anyio.to_thread.run_sync(srv.precheck, request.headers)
+        limit = ENROLL_MAX_BODY if enrollment else srv.config.max_body_bytes
         declared = request.headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > srv.config.max_body_bytes):
-            raise Refusal(413, f"body larger than {srv.config.max_body_bytes} bytes")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            raise Refusal(413, f"body larger than {limit} bytes")
+        size = int(declared) if declared is not None else (limit if "transfer-encoding" in request.headers else 0)
+        if size <= SMALL_BODY:
+            return await receive_body(request, limit, size)
+        try:
+            with anyio.fail_after(srv.config.body_wait_s):
+                await large_reads.acquire()
+        except TimeoutError:
+            raise Refusal(503, "server busy reading other uploads; retry shortly") from None
+        try:
+            return await receive_body(request, limit, size)
+        finally:
+            large_reads.release()
+
+    async def receive_body(request: Request, limit: int, size: int) -> bytes:
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > srv.config.max_body_bytes:
-                raise Refusal(413, f"body larger than {srv.config.max_body_bytes} bytes")
+        try:
+            with anyio.fail_after(srv.config.body_grace_s + size / srv.config.body_min_rate):
+                async for chunk in request.stream():
+                    body += chunk
+                    if len(body) > limit:
+                        raise Refusal(413, f"body larger than {limit} bytes")
+        except ClientDisconnect:
+            log.warning("%s %s from %s: client disconnected after %d of %s body bytes", request.method, request.url.path,
+                        peer(request), len(body), request.headers.get("content-length", "?"))
+            raise Refusal(400, "client disconnected during the body") from None  # nobody reads this answer
+        except TimeoutError:
+            log.warning("%s %s from %s: body too slow, %d of %s bytes; connection closed", request.method, request.url.path,
+                        peer(request), len(body), request.headers.get("content-length", "?"))
+            raise Refusal(408, f"body arrived slower than {srv.config.body_min_rate} bytes/s") from None
         return bytes(body)
 
     @app.exception_handler(Refusal)
     async def _refusal(_request: Request, exc: Refusal) -> JSONResponse:
-        return refuse(exc.status, exc.reason)
+        resp = refuse(exc.status, exc.reason)
+        if exc.status == 408:  # a sender that slow is not waited for again on this connection
+            resp.headers["Connection"] = "close"
+        return resp
 
     @app.exception_handler(RequestValidationError)
     async def _bad_parameter(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -113,7 +165,7 @@ def create_app(srv: Server, tick_seconds: float = 2.0) -> FastAPI:
 
     @app.post("/v1/enroll")
     async def enroll(request: Request):
-        body = await read_body(request)
+        body = await read_body(request, enrollment=True)
         req = parse(EnrollBody, body)
         return await anyio.to_thread.run_sync(srv.enroll, request.headers, "POST", request.url.path, body, req.token, req.public_key)
 

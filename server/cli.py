@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import getpass
 import json
+import socket
 from pathlib import Path
 
 import click
@@ -82,8 +84,9 @@ def serve(home: Path | None, db_url: str | None, host: str, port: int, tick: flo
     from .malloc import limit_arenas
 
     limit_arenas()  # before the server's threads exist
-    app = create_app(open_server(home, db_url), tick)
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_keep_alive=30)
+    srv = open_server(home, db_url)
+    app = create_app(srv, tick)
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_keep_alive=30, limit_concurrency=srv.config.max_connections)
 
 
 @main.command()
@@ -123,6 +126,8 @@ def rounds_cmd(home: Path | None, db_url: str | None, close_due: bool, as_json: 
         for a in r["arrivals"]:
             w = weights.get(a["clinic"])
             click.echo(f"  {a['clinic']:<24} n={a['n']:<6} staleness {a['staleness']}" + (f"  weight {w:.4f}" if w is not None else ""))
+        for d in r.get("dropped", []):
+            click.echo(f"  {d['clinic']:<24} dropped {d['update_id']} ({d['reason']}, by {d['dropped_by']})")
 
 
 @main.command()
@@ -131,10 +136,22 @@ def rounds_cmd(home: Path | None, db_url: str | None, close_due: bool, as_json: 
 @click.option("--clinic", required=True)
 @handle_errors
 def revoke(home: Path | None, db_url: str | None, clinic: str) -> None:
-    """Refuse every further request from this clinic (403)."""
-    if not open_server(home, db_url).revoke(clinic):
+    """Refuse every further request from this clinic (403) and drop its updates from the rounds not yet aggregated."""
+    done = open_server(home, db_url).revoke(clinic, by=operator())
+    if done is None:
         raise BadInput(f"no enrolled, unrevoked clinic {clinic!r}")
     click.echo(f"revoked {clinic}")
+    for rid, ids in sorted(done.dropped.items()):
+        click.echo(f"dropped from round {rid}: {', '.join(ids)}")
+
+
+def operator() -> str:
+    """Who ran the command, for the record (user@host)."""
+    try:
+        user = getpass.getuser()
+    except Exception:  # noqa: BLE001 - no login name (a container without a passwd entry): still record the host
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
 
 
 if __name__ == "__main__":

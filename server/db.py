@@ -1,7 +1,8 @@
 """Server storage through SQLAlchemy Core: SQLite (WAL) by default, PostgreSQL by URL.
 
 Tables: clinics, tokens (one-time enrollment), nonces (replay guard), versions (published bundle
-manifests), rounds, updates (unique update_id; unique (clinic, round)). A round is aggregated by the
+manifests), rounds, updates (unique update_id; unique (clinic, round)), dropped_updates (taken out of
+a round before its aggregation: the clinic was revoked). A round is aggregated by the
 one process whose ``UPDATE rounds SET state='aggregating' ... WHERE state='open'`` (or whose lease on
 a stale claim) changed the row: an atomic claim on both databases.
 """
@@ -89,6 +90,20 @@ updates = Table(
     Column("meta", JSON, nullable=False),
     Column("received_at", Float, nullable=False),
     UniqueConstraint("clinic", "round", name="one_update_per_clinic_and_round"),
+)
+
+# Updates taken out of a round before it was aggregated (today: their clinic was revoked), kept for
+# the record: `edge-server rounds` lists them under the round they no longer count in
+dropped_updates = Table(
+    "dropped_updates", metadata,
+    Column("update_id", String(128), primary_key=True),
+    Column("clinic", String(64), nullable=False),
+    Column("round", Integer, ForeignKey("rounds.id"), nullable=False),
+    Column("blob_sha256", String(64), nullable=False),
+    Column("received_at", Float, nullable=False),
+    Column("reason", String(200), nullable=False),
+    Column("dropped_by", String(128), nullable=False),  # the operator (user@host) who revoked
+    Column("dropped_at", Float, nullable=False),
 )
 
 

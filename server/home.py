@@ -42,6 +42,12 @@ class Config:
     lease_seconds: float = 600.0  # a claim on an aggregation older than this is taken over
     max_skew_s: int = 300
     beta: float = 0.3
+    # bodies are read before their signature can be checked (it covers them): bound what that holds
+    body_reads: int = 4  # concurrent reads of bodies over 64 KiB
+    body_wait_s: float = 10.0  # a read waits this long for one of those, then gets 503 (the client retries)
+    body_min_rate: float = 16384.0  # bytes/s a body must arrive at, after body_grace_s; else 408
+    body_grace_s: float = 30.0
+    max_connections: int = 256  # beyond: 503 (uvicorn's limit_concurrency)
 
     @classmethod
     def from_dict(cls, doc: dict) -> "Config":

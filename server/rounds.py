@@ -5,12 +5,15 @@ A round closes when ``min_clients`` updates arrived or its deadline passed (with
 update). Exactly one process aggregates it: the one whose atomic
 ``UPDATE rounds SET state='aggregating' WHERE id=? AND state='open'`` changed the row. A process
 killed while aggregating leaves the claim; after ``lease_seconds`` another takes it over. The new
-version, the round's closing and the next round are one transaction: a round aggregates once.
+version, the round's closing and the next round are one transaction: a round aggregates once. That
+transaction re-reads which updates count (a clinic revoked meanwhile has its update dropped, see
+``Server.revoke``); if they changed, nothing is published and the round goes back to open.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import os
 import socket
 import time
@@ -25,6 +28,7 @@ from federation.aggregation import DWFL, ClientUpdate, UpdateMeta
 from . import db
 from .service import Server
 
+log = logging.getLogger(__name__)
 WORKER_ID = f"{socket.gethostname()[:30]}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
@@ -61,7 +65,7 @@ def aggregate_round(srv: Server, round_id: int, crash_after_blobs: bool = False)
     """Aggregate a claimed round and publish the result; returns the new version (None: lost the claim)."""
     with srv.engine.connect() as conn:
         rnd = conn.execute(select(db.rounds).where(db.rounds.c.id == round_id)).one()
-        rows = conn.execute(select(db.updates).where(db.updates.c.round == round_id).order_by(db.updates.c.update_id)).all()
+        rows = conn.execute(counted(round_id)).all()
     base = srv.manifest(rnd.base_version)
     global_params = srv.head_params(rnd.base_version)
 
@@ -97,15 +101,36 @@ def aggregate_round(srv: Server, round_id: int, crash_after_blobs: bool = False)
                              .values(state="closed", closed_at=db.now(), report=report)).rowcount
             if n != 1:
                 raise _LostClaim
+            if set(conn.execute(counted(round_id).with_only_columns(db.updates.c.update_id)).scalars()) != {row.update_id for row in rows}:
+                raise _Recount  # an update was dropped meanwhile (Server.revoke): publish nothing that counts it
             version = srv.publish_manifest(body, files, round_id, conn)
             conn.execute(update(db.rounds).where(db.rounds.c.id == round_id).values(result_version=version))
             srv.open_round(conn, version)
     except _LostClaim:
         return None
+    except _Recount:
+        r = db.rounds.c
+        with srv.engine.begin() as conn:  # back to open: the next tick aggregates what is left, if the round is still due
+            conn.execute(update(db.rounds).where(r.id == round_id, r.state == "aggregating", r.claimed_by == WORKER_ID)
+                         .values(state="open", claimed_by=None, claimed_at=None))
+        log.warning("round %d: an update was dropped while it was being aggregated (clinic revoked); it will be aggregated again",
+                    round_id)
+        return None
     return version
 
 
+def counted(round_id: int):
+    """The updates that count in a round: stored in it, from a clinic not revoked."""
+    u = db.updates.c
+    return (select(db.updates).join(db.clinics, u.clinic == db.clinics.c.name)
+            .where(u.round == round_id, db.clinics.c.revoked_at.is_(None)).order_by(u.update_id))
+
+
 class _LostClaim(Exception):
+    pass
+
+
+class _Recount(Exception):
     pass
 
 

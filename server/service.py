@@ -43,6 +43,13 @@ class Refusal(Exception):
 
 
 @dataclass
+class Revoked:
+    clinic: str
+    at: float
+    dropped: dict[int, list[str]]  # round id -> ids of the updates taken out of it
+
+
+@dataclass
 class Accepted:
     status: str  # "stored" | "already have it"
     update_id: str
@@ -120,12 +127,50 @@ class Server:
             self._remember_nonce(conn, clinic, nonce, ts)
         return {"clinic": clinic, **self.server_identity()}
 
-    def revoke(self, clinic: str) -> bool:
+    def revoke(self, clinic: str, *, by: str = "operator") -> Revoked | None:
+        """Revoke a clinic and, in the same transaction, take its updates out of every round not yet
+        aggregated (open, or being aggregated: that aggregation re-checks before it publishes and
+        starts over, server.rounds), each recorded in dropped_updates. None: no such unrevoked clinic."""
+        t = db.now()
+        u, r = db.updates.c, db.rounds.c
+        pending = ("open", "aggregating")
         with self.engine.begin() as conn:
-            return conn.execute(update(db.clinics).where(db.clinics.c.name == clinic, db.clinics.c.revoked_at.is_(None))
-                                .values(revoked_at=db.now())).rowcount == 1
+            if conn.execute(update(db.clinics).where(db.clinics.c.name == clinic, db.clinics.c.revoked_at.is_(None))
+                            .values(revoked_at=t)).rowcount != 1:
+                return None
+            dropped: dict[int, list[str]] = {}
+            rows = conn.execute(select(db.updates).join(db.rounds, u.round == r.id)
+                                .where(u.clinic == clinic, r.state.in_(pending)).order_by(u.round)).all()
+            for row in rows:
+                # Writing the round row first locks it: the aggregation's final transaction, which
+                # writes it too, then runs wholly before (we skip: closed) or after (it sees the drop)
+                if conn.execute(update(db.rounds).where(r.id == row.round, r.state.in_(pending))
+                                .values(n_updates=r.n_updates - 1)).rowcount != 1:
+                    continue  # aggregated meanwhile (PostgreSQL re-reads the row): it counted, nothing to undo
+                conn.execute(db.updates.delete().where(u.update_id == row.update_id))
+                conn.execute(insert(db.dropped_updates).values(
+                    update_id=row.update_id, clinic=clinic, round=row.round, blob_sha256=row.blob_sha256,
+                    received_at=row.received_at, reason="clinic revoked", dropped_by=by[:128], dropped_at=t))
+                dropped.setdefault(row.round, []).append(row.update_id)
+        return Revoked(clinic, t, dropped)
 
     # ------------------------------------------------------------ signed requests
+
+    def precheck(self, headers) -> str:
+        """What is refused before a body is read (the signature covers the body's hash, so it is
+        verified after, in authenticate): the signature headers present, well-formed and fresh, the
+        clinic enrolled and not revoked. Returns the clinic's name."""
+        try:
+            clinic = protocol.check_request_headers(headers, max_skew=self.config.max_skew_s)[0]
+        except protocol.AuthError as exc:
+            raise Refusal(401, str(exc)) from exc
+        with self.engine.connect() as conn:
+            row = conn.execute(select(db.clinics.c.revoked_at).where(db.clinics.c.name == clinic)).first()
+        if row is None:
+            raise Refusal(401, f"unknown clinic {clinic!r} (enroll first)")
+        if row.revoked_at is not None:
+            raise Refusal(403, f"clinic {clinic!r} is revoked")
+        return clinic
 
     def authenticate(self, headers, method: str, path: str, body: bytes) -> tuple[str, Ed25519PublicKey]:
         clinic = headers.get(protocol.H_CLINIC)
@@ -350,5 +395,9 @@ class Server:
                 r["arrivals"] = [{"clinic": u.clinic, "update_id": u.update_id, "staleness": u.staleness, "n": u.meta.get("n"),
                                   "received_at": u.received_at}
                                  for u in conn.execute(select(db.updates).where(db.updates.c.round == r["id"]).order_by(db.updates.c.received_at))]
+                d = db.dropped_updates.c
+                r["dropped"] = [{"update_id": x.update_id, "clinic": x.clinic, "reason": x.reason, "dropped_by": x.dropped_by,
+                                 "dropped_at": x.dropped_at}
+                                for x in conn.execute(select(db.dropped_updates).where(d.round == r["id"]).order_by(d.dropped_at, d.update_id))]
             counts = conn.execute(select(func.count()).select_from(db.updates)).scalar_one()
         return rs if counts is not None else rs

@@ -59,13 +59,15 @@ def sign_request(key: Ed25519PrivateKey, clinic: str, method: str, path: str, bo
     return {H_CLINIC: clinic, H_TS: ts, H_NONCE: nonce, H_SIG: base64.b64encode(sig).decode()}
 
 
-def check_request(headers, method: str, path: str, body: bytes, public_key: Ed25519PublicKey,
-                  now: float | None = None, max_skew: int = MAX_SKEW_S) -> tuple[str, str, int]:
-    """Verify the signature and freshness; returns (clinic, nonce, timestamp). The caller checks the
-    nonce has not been seen and that the clinic is enrolled and not revoked."""
+def check_request_headers(headers, now: float | None = None, max_skew: int = MAX_SKEW_S) -> tuple[str, str, int, bytes]:
+    """What needs neither the body nor the clinic's key (a server checks it before reading a body):
+    the four headers present and well-formed, the timestamp fresh. Returns (clinic, nonce,
+    timestamp, raw signature)."""
     clinic, ts, nonce, sig = (headers.get(h) for h in (H_CLINIC, H_TS, H_NONCE, H_SIG))
     if not (clinic and ts and nonce and sig):
         raise AuthError("request is not signed (X-DWFL-Clinic, -Timestamp, -Nonce and -Signature headers needed)")
+    if not NAME_RE.match(clinic):
+        raise AuthError("clinic name in X-DWFL-Clinic is malformed")
     if not NONCE_RE.match(nonce):
         raise AuthError("nonce must be 16-64 URL-safe characters")
     try:
@@ -76,8 +78,22 @@ def check_request(headers, method: str, path: str, body: bytes, public_key: Ed25
     if abs(now - stamp) > max_skew:
         raise AuthError(f"stale timestamp: {int(now - stamp)} s off the server clock (at most {max_skew} s)")
     try:
-        public_key.verify(base64.b64decode(sig, validate=True), canonical_request(method, path, ts, nonce, body))
-    except (InvalidSignature, ValueError):
+        raw = base64.b64decode(sig, validate=True)
+    except ValueError:
+        raw = b""
+    if len(raw) != 64:
+        raise AuthError("bad request signature (not 64 bytes of base64)")
+    return clinic, nonce, stamp, raw
+
+
+def check_request(headers, method: str, path: str, body: bytes, public_key: Ed25519PublicKey,
+                  now: float | None = None, max_skew: int = MAX_SKEW_S) -> tuple[str, str, int]:
+    """Verify the signature and freshness; returns (clinic, nonce, timestamp). The caller checks the
+    nonce has not been seen and that the clinic is enrolled and not revoked."""
+    clinic, nonce, stamp, sig = check_request_headers(headers, now, max_skew)
+    try:
+        public_key.verify(sig, canonical_request(method, path, headers.get(H_TS), nonce, body))
+    except InvalidSignature:
         raise AuthError("bad request signature") from None
     return clinic, nonce, stamp
 
