@@ -33,9 +33,8 @@ from sqlalchemy import select
 
 from edge_runtime.bundle import _verify_signature, load_bundle
 from edge_runtime.errors import Refused
-from edge_runtime.finetune.state import State, read_update
+from edge_runtime.state import ClinicState, read_update
 from edge_runtime.keys import load_public_key
-from edge_runtime.privacy.ledger import Ledger
 from edge_runtime.sync.client import Client, enroll
 from server import db
 from server.blobs import BlobStore
@@ -130,7 +129,7 @@ def clinic_setup(tmp_path_factory, micro_out) -> dict:
     try:
         token = edge_server("token", "--home", str(home), "--clinic", "clinic-k").stdout.strip()
         enroll(root / "state", srv.url, token, "x25519")
-        State(root / "state").clinic()  # one clinic id for every copy: the same validation split, the same steps
+        assert ClinicState(root / "state").clinic_id == "clinic-k"  # enrollment made the one id: the same split, the same steps
     finally:
         srv.stop()
     setup = {"home": home, "state": root / "state", "manifest": data / "manifest.csv"}
@@ -163,8 +162,7 @@ def check_clinic(state: Path, home: Path) -> dict:
         doc = json.loads((state / "bundles" / "current.json").read_text())
         bundle = load_bundle(state / "bundles" / doc["folder"], server_key)  # verified, or raises
         current = int(doc["version"])
-        st = State(state)
-        st.active_head(bundle, int(bundle.manifest["embedding_dim"]), len(bundle.classes))  # verified, or raises
+        ClinicState(state).active_head(bundle)  # verified, or raises
     for folder in (state / "bundles").glob("v*"):
         load_bundle(folder, server_key)  # an installed version is always a whole, verified one
     ids: set[str] = set()
@@ -176,9 +174,9 @@ def check_clinic(state: Path, home: Path) -> dict:
             ids.add(side.stem)
     charges = 0
     if (state / "clinic.json").exists():
-        clinic = State(state).clinic(create=False)
-        for name in clinic["datasets"]:
-            charges += len(Ledger(State(state).ledger_folder(name), clinic["clinic_id"], name, None, 1e-5).charges)
+        st = ClinicState(state)
+        for name in st.datasets():
+            charges += len(st.ledger(name).charges)  # its own delta and budget
     engine = engine_of(home)
     with engine.connect() as conn:
         on_server = [r.update_id for r in conn.execute(select(db.updates).where(db.updates.c.clinic == "clinic-k"))]

@@ -13,7 +13,7 @@ import pytest
 
 from edge_runtime.bundle import MANIFEST, write_bundle
 from edge_runtime.finetune.head import forward, load_params
-from edge_runtime.finetune.state import read_update
+from edge_runtime.state import read_update
 from edge_runtime.keys import load_private_key
 from edge_runtime.privacy.accountant import RoundEvents, epsilon
 
@@ -35,7 +35,7 @@ sys.argv[0] = 'edge-run'
 main()
 """
 # A hard crash after the ledger charge, while the update is being written.
-CRASH_ON_UPDATE = "import os, edge_runtime.finetune.state as s; s.State.write_update = lambda *a, **k: os._exit(9)"
+CRASH_ON_UPDATE = "import os, edge_runtime.state as s; s.ClinicState.write_update = lambda *a, **k: os._exit(9)"
 
 
 def run(*args: str, patch: str = "") -> subprocess.CompletedProcess:
