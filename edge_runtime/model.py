@@ -75,6 +75,8 @@ class EdgeModel:
         self.dim = dim
         self.head_params = None  # a fine-tuned head (numpy) replaces head.onnx when set
         self.variant: str | None = None  # the encoder variant's name, when made from a bundle
+        self.variant_reason = ""  # why this variant (set by ClinicState.model_for)
+        self.active_head = None  # which head runs and why (ClinicState.active_head, set by model_for)
 
     def use_head_params(self, params: dict | None) -> None:
         """Evaluate the head in numpy with these weights (a clinic's fine-tuned head); None: head.onnx."""

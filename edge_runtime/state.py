@@ -285,13 +285,13 @@ class ClinicState:
 
     def model_for(self, bundle: Bundle, variant: str | None = None, threads: int = 2) -> "EdgeModel":
         """The model this PC runs for ``bundle``: the resolved encoder variant and the active head.
-        ``model.variant`` / ``variant_reason`` / ``head`` say which and why."""
+        ``model.variant`` / ``variant_reason`` / ``active_head`` say which and why."""
         from .model import EdgeModel
 
         name, why = self.variant(bundle, variant)
         head = self.active_head(bundle)
         model = EdgeModel.from_bundle(bundle, name, threads, head_params=head.params)
-        model.variant_reason, model.head = why, head
+        model.variant_reason, model.active_head = why, head
         return model
 
     def activate(self, bundle: Bundle, params: Params, round_id: str, info: dict) -> dict:

@@ -1,7 +1,7 @@
 """The fault matrix: kill -9 at seeded random points of real processes, then restart and check.
 
 Clinic (`edge-run sync` against a live server): killed while the new global model is downloaded and
-swapped in, while fine-tuning, while uploading. Server (`edge-server serve`): killed while receiving
+swapped in, while fine-tuning, while uploading; and the disk full during the ledger charge. Server (`edge-server serve`): killed while receiving
 updates, while aggregating, while publishing the new version. A dry run of each operation lists its
 steps (tests/crashpoints.py: every rename, fsync, write, unlink, SQL statement and commit, HTTP
 request); each seed picks one step of the phase and the process sends itself SIGKILL there.
@@ -104,8 +104,9 @@ def temp_files(root: Path) -> list[Path]:
 
 # ---------------------------------------------------------------- clinic side
 
-def sync(state: Path, url: str, manifest: Path, crash_at: int = 0, log: Path | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DWFL_CRASH_AT": str(crash_at)}
+def sync(state: Path, url: str, manifest: Path, crash_at: int = 0, log: Path | None = None,
+         full_at: int = 0) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DWFL_CRASH_AT": str(crash_at), "DWFL_FULL_AT": str(full_at)}
     if log:
         env["DWFL_CRASH_LOG"] = str(log)
     args = ["sync", "--state", str(state), "--server", url, "--manifest", str(manifest), "--epsilon", "4", "--round-epsilon", "1",
@@ -213,6 +214,31 @@ def test_clinic_killed(clinic_setup, tmp_path, phase, point):
         assert statuses in (["stored"], ["already have it"]), report
     record({"side": "clinic", "phase": phase, "point": point, "step": k, "label": label, "after_kill": after_kill,
             "after_restart": final, "restart_upload": statuses[0] if statuses else "nothing to send", "extra_charges": final["charges"] - final["updates"]})
+
+
+def test_clinic_disk_full_during_the_ledger_charge(clinic_setup, tmp_path):
+    """The disk fills up inside the ledger append (half the line written, then ENOSPC): exit 3, the
+    ledger as it was (readable, nothing charged, nothing made), and the next sync trains and sends."""
+    k, label = pick(clinic_setup["labels"], "finetune", "finetune:write:")
+    s = copy_setup(clinic_setup, tmp_path / "run")
+    srv = ServerProcess(s["home"], None).start()
+    try:
+        full = sync(s["state"], srv.url, s["manifest"], full_at=k)
+        lines = full.stderr.strip().splitlines()
+        assert full.returncode == 3 and len(lines) == 1 and "disk full" in lines[0] and "ledger.jsonl" in lines[0], full.stderr[-800:]
+        after = check_clinic(s["state"], s["home"])  # the ledger reads (it raises when corrupt)
+        again = sync(s["state"], srv.url, s["manifest"])
+        assert again.returncode == 0, f"after a full disk at step {k} ({label}): {again.stderr[-800:]}"
+        report = json.loads(again.stdout)
+        final = check_clinic(s["state"], s["home"])
+    finally:
+        srv.stop()
+    assert after["charges"] == 0 and after["updates"] == 0 and after["temp_files"] == 0, after
+    assert final["current"] == 1 and final["charges"] == 1 and final["on_server"] == 1 and final["pending"] == 0, final
+    statuses = [u["status"] for u in report["uploads"]]
+    assert statuses == ["stored"], report
+    record({"side": "clinic", "fault": "disk full", "phase": "finetune", "point": "ledger charge", "step": k, "label": label,
+            "after_kill": after, "after_restart": final, "restart_upload": statuses[0], "extra_charges": final["charges"] - final["updates"]})
 
 
 # ---------------------------------------------------------------- server side

@@ -200,7 +200,7 @@ def finetune(bundle: Bundle, manifest: Manifest, state: ClinicState, opts: Finet
 
     # 2. embeddings (frozen encoders of the variant this PC runs, one case at a time) into the cache
     model = state.model_for(bundle, opts.variant, opts.threads)
-    active = model.head
+    active = model.active_head
     variant = model.variant
     enc_files = {v["name"]: v["encoders"] for v in bundle.manifest["variants"]}[variant]
     cache = EmbeddingCache(state.cache_dir, encoder_key(bundle.manifest, variant, enc_files), dim, len(MODALITIES), opts.cache_mb)

@@ -233,6 +233,9 @@ class Ledger:
             try:
                 _write_all(fd, line)
                 os.fsync(fd)
+            except OSError as exc:
+                _truncate_quietly(fd, self._size)
+                raise OSError(exc.errno, exc.strerror, str(self.path)) from exc  # name the file (disk full)
             except BaseException:
                 _truncate_quietly(fd, self._size)
                 raise
