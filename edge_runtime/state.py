@@ -37,7 +37,7 @@ from .errors import BadInput, Refused
 from .finetune.head import Params, check_params, load_params, params_bytes
 from .fsutil import sha256_file, write_atomic
 from .keys import key_id, load_public_key, save_public_key
-from .variants import PIN_FILE, bundle_fingerprint, default_state_dir, pin_document, resolve_variant
+from .variants import bundle_fingerprint, default_state_dir, pin_document, resolve_variant
 
 if TYPE_CHECKING:
     from .model import EdgeModel
@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _UPDATE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")  # CLINIC-ROUND: a file name, never a path
+PIN_FILE = "variant.json"
 SIGNER_FILE = "signer.pub"
 
 

@@ -12,7 +12,6 @@ from .bundle import Bundle
 from .cpuinfo import this_cpu
 from .select import variant_for_cpu
 
-PIN_FILE = "variant.json"
 STATE_ENV = "EDGE_RUN_STATE"
 
 
