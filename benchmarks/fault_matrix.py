@@ -1,5 +1,6 @@
 """The fault matrix with more seeds than CI runs: kill -9 at seeded random steps (and the named
-narrow windows) of a clinic's `edge-run sync` and of `edge-server serve`, restart, check.
+narrow windows) of a clinic's `edge-run sync` and of `edge-server serve`, and a clinic's disk full
+during the ledger charge; restart, check.
 
 It runs tests/test_fault_matrix.py (the scenarios and their invariants live there, one place) with
 FAULT_SEEDS=0..N-1 and collects one row per scenario: where the process died, the state it left,
@@ -54,6 +55,10 @@ def restart_outcome(row: dict) -> str:
     return "aggregated once; re-sent: " + ", ".join(f"{n}x {s}" for s, n in sorted(ups.items()))
 
 
+def fault(row: dict) -> str:
+    return row.get("fault", "killed")
+
+
 def plot(rows: list[dict], violations: int) -> Path:
     import matplotlib
 
@@ -61,20 +66,20 @@ def plot(rows: list[dict], violations: int) -> Path:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    phases = sorted({(r["side"], r["phase"]) for r in rows}, key=lambda x: (x[0] != "clinic", x[1]))
+    phases = sorted({(r["side"], fault(r), r["phase"]) for r in rows}, key=lambda x: (x[0] != "clinic", x[2], x[1]))
     states = sorted({r["state"] for r in rows})
     grid = np.zeros((len(phases), len(states)), dtype=int)
     for r in rows:
-        grid[phases.index((r["side"], r["phase"])), states.index(r["state"])] += 1
+        grid[phases.index((r["side"], fault(r), r["phase"])), states.index(r["state"])] += 1
     fig, ax = plt.subplots(figsize=(12, 0.6 * len(phases) + 2.5))
     ax.imshow(grid, cmap="Blues")
     for i in range(len(phases)):
         for j in range(len(states)):
             if grid[i, j]:
                 ax.text(j, i, str(grid[i, j]), ha="center", va="center")
-    ax.set_yticks(range(len(phases)), [f"{s}: killed during {p}" for s, p in phases])
+    ax.set_yticks(range(len(phases)), [f"{s}: {f} during {p}" for s, f, p in phases])
     ax.set_xticks(range(len(states)), states, rotation=30, ha="right", fontsize=8)
-    ax.set_title(f"kill -9 at {len(rows)} points: the state left behind; {violations} invariant violations after restart")
+    ax.set_title(f"kill -9 / disk full at {len(rows)} points: the state left behind; {violations} invariant violations after restart")
     fig.tight_layout()
     path = png_path("fault_matrix")
     fig.savefig(path, dpi=110)
@@ -100,7 +105,7 @@ def main() -> None:
         r["restart"] = restart_outcome(r)
     table = collections.defaultdict(collections.Counter)
     for r in rows:
-        table[f"{r['side']} killed during {r['phase']}"][f"{r['state']} -> {r['restart']}"] += 1
+        table[f"{r['side']} {fault(r)} during {r['phase']}"][f"{r['state']} -> {r['restart']}"] += 1
     figures = {"scenarios": len(rows), "violations": len(failed), "pytest": tail, "seconds": round(seconds, 1),
                "seeded_points_per_phase": args.seeds, "matrix": {k: dict(v) for k, v in sorted(table.items())}}
     print(json.dumps(figures, indent=2))

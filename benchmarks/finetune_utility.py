@@ -41,7 +41,7 @@ def main() -> None:
     from edge_runtime.finetune import dpsgd
     from edge_runtime.finetune.head import forward, softmax
     from edge_runtime.finetune.run import FinetuneOptions
-    from edge_runtime.finetune.state import bundle_head
+    from edge_runtime.state import bundle_head
     from edge_runtime.keys import load_public_key
     from edge_runtime.metrics import roc_auc
     from edge_runtime.model import EdgeModel

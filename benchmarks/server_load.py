@@ -5,7 +5,7 @@
     over HTTP with tokens from the server library (`edge_runtime.sync.client.enroll`, the clinic's
     own code), each builds a valid update for the open round, then all 50 upload at once (one thread
     and one connection each, released together by a barrier). An update is the clinic's outbox .npz
-    written by its own writer (`State.write_update`) with a random head delta of the model's shapes
+    written by its own writer (`ClinicState.write_update`) with a random head delta of the model's shapes
     (no fine-tuning is run: 50 DP fine-tunings would measure the clinic, not the server), sealed with
     HPKE (ML-KEM-768 + X25519) to the server key, wrapped in an Envelope signed by the clinic, and sent
     as a signed request: exactly what `edge-run sync` sends. Measured: errors (must be 0), upload
@@ -119,7 +119,7 @@ def head_of(bundle: Path) -> dict[str, np.ndarray]:
 
 def fake_update(state: Path, head: dict, seed: int) -> tuple[bytes, str]:
     """An outbox update written by the clinic's own writer: random delta of the head's shapes."""
-    from edge_runtime.finetune.state import State
+    from edge_runtime.state import ClinicState
 
     rng = np.random.default_rng(seed)
     delta = {k: (rng.normal(size=v.shape) * 0.01).astype(np.float32) for k, v in head.items()}
@@ -127,7 +127,7 @@ def fake_update(state: Path, head: dict, seed: int) -> tuple[bytes, str]:
     meta = {"update_id": update_id, "n": int(rng.integers(50, 2000)), "val_loss": float(rng.uniform(0.4, 0.8)),
             "modality_fraction": {m: float(rng.uniform(0.3, 1.0)) for m in ("ct", "pathology", "genomics")},
             "noise_multiplier": 1.0}
-    return State(state).write_update(update_id, delta, meta).read_bytes(), update_id
+    return ClinicState(state).write_update(update_id, delta, meta).read_bytes(), update_id
 
 
 def envelope(key, clinic: str, hpke_pub, update_id: str, plain: bytes, round_id: int = 1, base_version: int = 1):
@@ -358,7 +358,7 @@ def main() -> None:
                     f"head.npz replaced by a randomly initialised StudentHead of the '{args.head_config}' config "
                     f"(dim {head['classifier.weight'].shape[1]}), bundle re-signed with a throwaway key: the server only handles the head",
             "model_version": json.loads((bundle / "manifest.json").read_text())["model_version"],
-            "updates": "random head deltas of the model's shapes in the clinic's outbox format (State.write_update), "
+            "updates": "random head deltas of the model's shapes in the clinic's outbox format (ClinicState.write_update), "
                        "HPKE-sealed (mlkem768-x25519) and signed exactly as edge-run sync does; no fine-tuning run",
             "latencies_ms": load["latencies_ms"],
             "server": "one `edge-server serve` process (uvicorn, one worker) on 127.0.0.1, same machine as the clients",

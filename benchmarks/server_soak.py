@@ -70,7 +70,7 @@ class MemorySampler:
 
 def clinic_sync(state: Path, url: str, rng_seed: int) -> dict:
     """One clinic's sync: status, verified pull, an update for the open round, upload."""
-    from edge_runtime.finetune.state import State
+    from edge_runtime.state import ClinicState
     from edge_runtime.sync.client import Client, contributed
 
     t0 = time.perf_counter()
@@ -87,7 +87,7 @@ def clinic_sync(state: Path, url: str, rng_seed: int) -> dict:
             meta = {"update_id": update_id, "n": int(rng.integers(50, 2000)), "val_loss": float(rng.uniform(0.4, 0.8)),
                     "modality_fraction": {m: float(rng.uniform(0.3, 1.0)) for m in ("ct", "pathology", "genomics")},
                     "noise_multiplier": 1.0}
-            path = State(state).write_update(update_id, delta, meta)
+            path = ClinicState(state).write_update(update_id, delta, meta)
             client.queue(path, int(rnd["id"]), version)
         uploads = client.upload_pending()
     finally:

@@ -9,22 +9,25 @@ from pathlib import Path
 import click
 
 from . import MODALITIES
-from .bundle import Bundle, check_bundle_folder, default_public_key_path, load_bundle
+from .bundle import Bundle
 from .cliutil import handle_errors
 from .errors import BadInput, BundleError
-from .finetune.state import State, bundle_head_key
 from .fsutil import sweep_temps
-from .keys import load_public_key
 from .manifest import load_case, read_manifest
 from .measure import Request, measure
-from .model import EdgeModel
 from .profiling import WARMUP_CASES, profile
 from .select import Measured, choose
+from .state import ClinicState, bundle_head_key, check_name
 from .synthetic import InputSpec, SynthConfig, SyntheticCohort, parse_case_id
 from .units import parse_duration_ms, parse_size_mb
-from .variants import default_state_dir, resolve_variant, write_pin
+from .variants import default_state_dir, write_pin
 
 PROFILE_FIRST_CASE = 2_000_000  # synthetic profile cases, disjoint from training and test indices
+TRUSTED_KEY_HELP = ("Ed25519 public key of the bundle signer [default: for a version pulled by `sync`, the server key pinned "
+                    "at enrollment; else BUNDLE.pub next to the bundle, which must be the signer key pinned in the state "
+                    "folder at its first verified use].")
+EPSILON_HELP = "Privacy budget of this dataset over the clinic's whole participation [default: the ledger's; 0.5 for a new dataset]."
+DELTA_HELP = "Privacy delta [default: the ledger's; 1e-5 for a new dataset]."
 
 
 def state_option(fn):
@@ -43,25 +46,10 @@ def bundle_options(fn):
     fn = state_option(fn)
     fn = click.option(
         "--trusted-key", type=click.Path(path_type=Path), default=None, envvar="EDGE_RUN_TRUSTED_KEY",
-        help="Pinned Ed25519 public key of the bundle signer [default: BUNDLE.pub next to the bundle].",
+        help=TRUSTED_KEY_HELP,
     )(fn)
     fn = click.option("--bundle", required=True, type=click.Path(path_type=Path), help="Bundle directory.")(fn)
     return fn
-
-
-def load_model(loaded: Bundle, variant: str | None, threads: int, state_dir: Path) -> EdgeModel:
-    """The bundle's encoders with the fine-tuned head active in ``state_dir`` for this bundle, if any."""
-    model = EdgeModel.from_bundle(loaded, variant, threads)
-    if (Path(state_dir) / "heads").is_dir() and "weights" in loaded.manifest.get("head", {}):
-        params, _ = State(state_dir).active_head(loaded, model.dim, len(loaded.classes))
-        model.use_head_params(params)
-    return model
-
-
-def open_bundle(bundle: Path, trusted_key: Path | None) -> Bundle:
-    check_bundle_folder(bundle)  # before the key: BUNDLE.tar.pub "missing" would hide the real mistake
-    key = load_public_key(trusted_key or default_public_key_path(bundle))
-    return load_bundle(bundle, key)
 
 
 def synthetic_cohort(bundle: Bundle) -> SyntheticCohort:
@@ -101,8 +89,9 @@ def infer(bundle: Path, trusted_key: Path | None, state_dir: Path, variant: str 
         raise BadInput("--case-id needs --synthetic (real cases come from a --manifest)")
     indices = [parse_case_id(c) for c in case_ids]
     cases = read_manifest(manifest) if manifest is not None else None  # refuse a bad manifest before loading models
-    loaded = open_bundle(bundle, trusted_key)
-    model = load_model(loaded, resolve_variant(loaded, variant, state_dir)[0], threads, state_dir)
+    state = ClinicState(state_dir)
+    loaded = state.open_bundle(bundle, trusted_key)
+    model = state.model_for(loaded, variant, threads)
     if cases is None:
         cohort = synthetic_cohort(loaded)
         outcomes = ((str(i), lambda i=i: cohort.case(i)) for i in indices)
@@ -161,15 +150,16 @@ def profile_cmd(bundle: Path, trusted_key: Path | None, state_dir: Path, variant
     # Parse budgets before any work, so a typo costs nothing.
     mem_mb = parse_size_mb(mem_budget) if mem_budget else None
     lat_ms = parse_duration_ms(latency_budget) if latency_budget else None
-    loaded = open_bundle(bundle, trusted_key)
+    state = ClinicState(state_dir)
+    loaded = state.open_bundle(bundle, trusted_key)
     budgets = loaded.manifest.get("budgets", {})
     mem_mb = mem_mb or float(budgets.get("mem_mb", 1800.0))
     lat_ms = lat_ms or float(budgets.get("latency_ms", 200.0))
     if select_variant:
         _select(loaded, state_dir, threads, cases, mem_mb, lat_ms, as_json)
         return
-    name, why = resolve_variant(loaded, variant, state_dir)
-    model = load_model(loaded, name, threads, state_dir)
+    model = state.model_for(loaded, variant, threads)
+    name, why = model.variant, model.variant_reason
     cohort = synthetic_cohort(loaded)
     if plot_path is not None:
         _check_can_plot(plot_path)
@@ -262,8 +252,8 @@ def _select(loaded: Bundle, state_dir: Path, threads: int, cases: int, mem_mb: f
 @main.command()
 @bundle_options
 @click.option("--manifest", required=True, type=click.Path(path_type=Path), help="Labelled case manifest (CSV or JSONL).")
-@click.option("--epsilon", default=0.5, show_default=True, type=float, help="Privacy budget of this dataset over the clinic's whole participation.")
-@click.option("--delta", default=1e-5, show_default=True, type=float, help="Privacy delta.")
+@click.option("--epsilon", default=None, type=float, help=EPSILON_HELP)
+@click.option("--delta", default=None, type=float, help=DELTA_HELP)
 @click.option("--dataset", default="default", show_default=True, help="Dataset name: one privacy ledger per clinic and dataset.")
 @click.option("--round-epsilon", default=None, type=float, help="Spend at most this much in this round [default: all that is left].")
 @click.option("--epochs", default=10.0, show_default=True, type=float, help="Planned passes over the training cases.")
@@ -287,22 +277,22 @@ def finetune(bundle: Path, trusted_key: Path | None, variant: str | None, thread
     """
     from .finetune.run import FinetuneOptions
     from .finetune.run import finetune as run_finetune
-    from .finetune.state import check_name
 
     opts = FinetuneOptions(epsilon=epsilon, delta=delta, dataset=check_name(dataset, "dataset"), round_epsilon=round_epsilon,
                            epochs=epochs, batch_size=batch_size, clip=clip, lr=lr, tolerance=tolerance, seed=seed,
                            cache_mb=cache_mb, variant=variant, threads=threads)
     opts.check()
     cases = read_manifest(manifest)
-    loaded = open_bundle(bundle, trusted_key)
-    sweep_temps(state_dir)  # leftovers of a run that was killed
-    report = run_finetune(loaded, cases, State(state_dir), opts)
+    state = ClinicState(state_dir)
+    loaded = state.open_bundle(bundle, trusted_key, pin=True)
+    sweep_temps(state.root)  # leftovers of a run that was killed
+    report = run_finetune(loaded, cases, state, opts)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
     v, p = report["validation"], report["privacy"]
     c = report["cases"]
-    click.echo(f"cases: {c['train']} training, {c['validation']} validation, {c['rejected']} rejected")
+    click.echo(f"cases: {c['train']} training, {c['validation']} validation, {c['rejected']} rejected  (variant {report['variant']})")
     click.echo(f"validation AUC: start {v['auc_start']:.3f}  active {v['auc_active_before']:.3f}  new {v['auc_new']:.3f}  "
                f"-> {'ACTIVATED' if report['activated'] else 'kept the active head (AUC fell more than the tolerance)'}")
     click.echo(f"DP-SGD: sigma {p['noise_multiplier']:.3f}  q {p['sampling_rate']:.4f}  steps {p['steps']}  C {p['clip']:g}")
@@ -313,16 +303,15 @@ def finetune(bundle: Path, trusted_key: Path | None, variant: str | None, thread
 
 @main.command()
 @click.option("--bundle", required=True, type=click.Path(path_type=Path), help="Bundle directory.")
-@click.option("--trusted-key", type=click.Path(path_type=Path), default=None, envvar="EDGE_RUN_TRUSTED_KEY",
-              help="Pinned Ed25519 public key of the bundle signer [default: BUNDLE.pub next to the bundle].")
+@click.option("--trusted-key", type=click.Path(path_type=Path), default=None, envvar="EDGE_RUN_TRUSTED_KEY", help=TRUSTED_KEY_HELP)
 @state_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @handle_errors
 def rollback(bundle: Path, trusted_key: Path | None, state_dir: Path, as_json: bool) -> None:
     """Put the previous head back in force for this bundle (the bundle's own after the first fine-tune).
     Exit 1 when no fine-tuned head is active."""
-    loaded = open_bundle(bundle, trusted_key)
-    now = State(state_dir).rollback(loaded)
+    state = ClinicState(state_dir)
+    now = state.rollback(state.open_bundle(bundle, trusted_key))
     report = {"active": now["round_id"] if now else None, "head": now["file"] if now else "bundle"}
     click.echo(json.dumps(report) if as_json else f"active head: {report['active'] or 'the bundle head'}")
 
@@ -330,30 +319,24 @@ def rollback(bundle: Path, trusted_key: Path | None, state_dir: Path, as_json: b
 @main.command()
 @state_option
 @click.option("--bundle", type=click.Path(path_type=Path), default=None, help="Also show which head is active for this bundle.")
-@click.option("--trusted-key", type=click.Path(path_type=Path), default=None, envvar="EDGE_RUN_TRUSTED_KEY",
-              help="Pinned Ed25519 public key of the bundle signer [default: BUNDLE.pub next to the bundle].")
-@click.option("--epsilon", default=None, type=float, help="Privacy budget to compare with [default: the one the ledger recorded].")
-@click.option("--delta", default=1e-5, show_default=True, type=float, help="Privacy delta.")
+@click.option("--trusted-key", type=click.Path(path_type=Path), default=None, envvar="EDGE_RUN_TRUSTED_KEY", help=TRUSTED_KEY_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @handle_errors
-def status(state_dir: Path, bundle: Path | None, trusted_key: Path | None, epsilon: float | None, delta: float, as_json: bool) -> None:
-    """Privacy budget spent and left per dataset (recomputed from the ledger's events), active head, outbox."""
-    from .privacy.ledger import Ledger
-
-    st = State(state_dir)
+def status(state_dir: Path, bundle: Path | None, trusted_key: Path | None, as_json: bool) -> None:
+    """Privacy budget spent and left per dataset (recomputed from the ledger's events, at the delta and
+    budget the ledger recorded), active head, outbox."""
+    st = ClinicState(state_dir)
     report: dict = {"state": str(st.root), "clinic": None, "datasets": [], "outbox": []}
-    if (st.root / "clinic.json").exists():
-        clinic = st.clinic()
-        report["clinic"] = clinic["clinic_id"]
-        names = sorted(set(clinic["datasets"]) | {p.name for p in (st.root / "privacy").glob("*") if p.is_dir()})
-        for name in names:
-            report["datasets"].append(Ledger(st.ledger_folder(name), clinic["clinic_id"], name, epsilon, delta).summary())
-        report["outbox"] = sorted(p.name for p in (st.root / "outbox").glob("*.npz"))
+    if st.clinic_file.exists():
+        report["clinic"] = st.clinic_id
+        report["datasets"] = st.privacy_summaries()
+        report["outbox"] = [p.name for p in st.outbox()]
     if bundle is not None:
-        loaded = open_bundle(bundle, trusted_key)
-        history = st.history(loaded) if "weights" in loaded.manifest.get("head", {}) else []
-        report["active_head"] = history[-1]["round_id"] if history else None
-        report["bundle_head"] = bundle_head_key(loaded)[:16] if history else None
+        loaded = st.open_bundle(bundle, trusted_key)
+        head = st.active_head(loaded)
+        report["active_head"] = head.round_id
+        report["head"] = head.source
+        report["bundle_head"] = bundle_head_key(loaded)[:16] if head.entry else None
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
@@ -370,8 +353,7 @@ def status(state_dir: Path, bundle: Path | None, trusted_key: Path | None, epsil
 
 @main.command()
 @click.option("--bundle", type=click.Path(path_type=Path), default=None, help="Bundle to check this PC against.")
-@click.option("--trusted-key", type=click.Path(path_type=Path), default=None, envvar="EDGE_RUN_TRUSTED_KEY",
-              help="Pinned Ed25519 public key of the bundle signer [default: BUNDLE.pub next to the bundle].")
+@click.option("--trusted-key", type=click.Path(path_type=Path), default=None, envvar="EDGE_RUN_TRUSTED_KEY", help=TRUSTED_KEY_HELP)
 @state_option
 @click.option("--threads", default=2, show_default=True, type=click.IntRange(1, 64), help="ONNX Runtime intra-op threads.")
 @click.option("--cases", default=20, show_default=True, type=click.IntRange(3, 10_000), help="Cases of the short profile.")
@@ -387,7 +369,8 @@ def doctor(bundle: Path | None, trusted_key: Path | None, state_dir: Path, threa
 
     report = Report()
     mem_mb, lat_ms = 1800.0, 200.0  # DESIGN's clinic budgets, unless the bundle or options say otherwise
-    loaded = open_bundle(bundle, trusted_key) if bundle is not None else None
+    state = ClinicState(state_dir)
+    loaded = state.open_bundle(bundle, trusted_key) if bundle is not None else None
     if loaded is not None:
         budgets = loaded.manifest.get("budgets", {})
         mem_mb, lat_ms = float(budgets.get("mem_mb", mem_mb)), float(budgets.get("latency_ms", lat_ms))
@@ -395,9 +378,9 @@ def doctor(bundle: Path | None, trusted_key: Path | None, state_dir: Path, threa
     lat_ms = parse_duration_ms(latency_budget) if latency_budget else lat_ms
     machine_checks(report, state_dir, mem_mb)
     if loaded is not None:
-        name, why = resolve_variant(loaded, None, state_dir)
-        report.add("variant", name, True, why)
-        model = load_model(loaded, name, threads, state_dir)
+        model = state.model_for(loaded, None, threads)
+        name = model.variant
+        report.add("variant", name, True, model.variant_reason)
         result = profile(model, synthetic_cohort(loaded).iter_cases(PROFILE_FIRST_CASE, cases + WARMUP_CASES), mem_mb, lat_ms)
         lat = result.latency
         report.facts["profile"] = {"variant": name, **result.to_dict()}
@@ -432,7 +415,7 @@ def enroll(state_dir: Path, url: str, token: str, kem: str, as_json: bool) -> No
     """Make this clinic's signing key, register it with the token and pin the server key the token names."""
     from .sync.client import enroll as do_enroll
 
-    report = do_enroll(state_dir, url, token, kem)
+    report = do_enroll(ClinicState(state_dir), url, token, kem)
     click.echo(json.dumps(report) if as_json else f"enrolled as {report['clinic']}; server key {report['server_key_id'][:16]}… pinned")
 
 
@@ -441,8 +424,8 @@ def enroll(state_dir: Path, url: str, token: str, kem: str, as_json: bool) -> No
 @click.option("--server", "url", default=None, help="Server URL [default: the one enrolled with].")
 @click.option("--manifest", type=click.Path(path_type=Path), default=None,
               help="Labelled case manifest: fine-tune on it when the open round has nothing from this clinic yet.")
-@click.option("--epsilon", default=0.5, show_default=True, type=float, help="Privacy budget of this dataset over the clinic's whole participation.")
-@click.option("--delta", default=1e-5, show_default=True, type=float, help="Privacy delta.")
+@click.option("--epsilon", default=None, type=float, help=EPSILON_HELP)
+@click.option("--delta", default=None, type=float, help=DELTA_HELP)
 @click.option("--round-epsilon", default=None, type=float, help="Spend at most this much per round [default: all that is left].")
 @click.option("--dataset", default="default", show_default=True, help="Dataset name (one privacy ledger each).")
 @click.option("--epochs", default=10.0, show_default=True, type=float)
@@ -454,7 +437,7 @@ def enroll(state_dir: Path, url: str, token: str, kem: str, as_json: bool) -> No
 @click.option("--seed", default=None, type=int, hidden=True, help="Tests only: fixed noise (never in production).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @handle_errors
-def sync(state_dir: Path, url: str | None, manifest: Path | None, epsilon: float, delta: float, round_epsilon: float | None,
+def sync(state_dir: Path, url: str | None, manifest: Path | None, epsilon: float | None, delta: float | None, round_epsilon: float | None,
          dataset: str, epochs: float, batch_size: int, lr: float, retries: int, backoff: float, timeout: float,
          seed: int | None, as_json: bool) -> None:
     """Upload pending updates, pull the latest global model (verified), and with --manifest fine-tune
@@ -462,15 +445,15 @@ def sync(state_dir: Path, url: str | None, manifest: Path | None, epsilon: float
     Task Scheduler: safe to run at any time, does nothing twice. Exit 1 when the server refused."""
     from .finetune.run import FinetuneOptions
     from .finetune.run import finetune as run_finetune
-    from .finetune.state import check_name
     from .sync.client import Client, contributed
 
     cases = read_manifest(manifest) if manifest is not None else None
     opts = FinetuneOptions(epsilon=epsilon, delta=delta, dataset=check_name(dataset, "dataset"), round_epsilon=round_epsilon,
                            epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
     opts.check()
-    client = Client(state_dir, url, retries, backoff, timeout)
-    sweep_temps(state_dir)  # leftovers of a run that was killed
+    state = ClinicState(state_dir)
+    client = Client(state, url, retries, backoff, timeout)
+    sweep_temps(state.root)  # leftovers of a run that was killed
     report: dict = {"clinic": client.config.clinic, "uploads": client.upload_pending()}
     status = client.get_json("/v1/model")
     bundle = client.pull(int(status["version"]))
@@ -481,14 +464,14 @@ def sync(state_dir: Path, url: str | None, manifest: Path | None, epsilon: float
         report["finetune"] = "skipped (no --manifest)"
     elif rnd.get("state") != "open" or int(rnd.get("base_version", -1)) != int(status["version"]):
         report["finetune"] = "skipped (no open round on this version)"
-    elif (done := contributed(state_dir, int(rnd["id"]))) is not None:
+    elif (done := contributed(state, int(rnd["id"]))) is not None:
         report["finetune"] = f"skipped (already sent {done} for round {rnd['id']})"
     else:
         made = client.unsent_update(bundle)  # made on this version by a run that died before queueing it
         if made is not None:
             report["finetune"] = f"skipped (update {made.stem} was made on this version already; queued, no new privacy cost)"
         else:
-            ft = run_finetune(bundle, cases, State(state_dir), opts)
+            ft = run_finetune(bundle, cases, state, opts)
             made = Path(ft["update"])
             report["finetune"] = {"update_id": ft["update_id"], "validation": ft["validation"], "privacy": ft["privacy"]}
         client.queue(made, int(rnd["id"]), int(status["version"]))

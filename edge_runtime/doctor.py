@@ -59,20 +59,18 @@ def machine_checks(report: Report, state_dir: Path, mem_budget_mb: float) -> Non
 
 
 def privacy_checks(report: Report, state_dir: Path) -> None:
+    """Each ledger read with its own recorded delta and budget (ClinicState.privacy_summaries)."""
     from .errors import BadInput
-    from .finetune.state import State
-    from .privacy.ledger import Ledger
+    from .state import ClinicState
 
-    st = State(state_dir)
-    if not (st.root / "clinic.json").exists():
-        report.add("privacy budget", "no fine-tuning yet", True)
-        return
     try:
-        clinic = st.clinic(create=False)
-        for name in clinic["datasets"]:
-            s = Ledger(st.ledger_folder(name), clinic["clinic_id"], name, None, 1e-5).summary()
-            report.facts.setdefault("privacy", []).append(s)
-            report.add(f"privacy budget ({name})", f"epsilon left {s['epsilon_left']:.3f} of {s['epsilon_total']:g}",
-                       s["epsilon_left"] > 0, f"spent {s['epsilon_spent']:.3f} in {s['rounds']} round(s)")
+        summaries = ClinicState(state_dir).privacy_summaries()
     except BadInput as exc:
         report.add("privacy budget", "ledger unreadable", False, str(exc))
+        return
+    if not summaries:
+        report.add("privacy budget", "no fine-tuning yet", True)
+    for s in summaries:
+        report.facts.setdefault("privacy", []).append(s)
+        report.add(f"privacy budget ({s['dataset']})", f"epsilon left {s['epsilon_left']:.3f} of {s['epsilon_total']:g}",
+                   s["epsilon_left"] > 0, f"spent {s['epsilon_spent']:.3f} in {s['rounds']} round(s), delta {s['delta']:g}")

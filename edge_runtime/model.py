@@ -74,15 +74,21 @@ class EdgeModel:
         self.classes = classes
         self.dim = dim
         self.head_params = None  # a fine-tuned head (numpy) replaces head.onnx when set
+        self.variant: str | None = None  # the encoder variant's name, when made from a bundle
+        self.variant_reason = ""  # why this variant (set by ClinicState.model_for)
+        self.active_head = None  # which head runs and why (ClinicState.active_head, set by model_for)
 
     def use_head_params(self, params: dict | None) -> None:
         """Evaluate the head in numpy with these weights (a clinic's fine-tuned head); None: head.onnx."""
         self.head_params = params
 
     @classmethod
-    def from_bundle(cls, bundle: Bundle, variant: str | None = None, threads: int = 2) -> "EdgeModel":
+    def from_bundle(cls, bundle: Bundle, variant: str | None = None, threads: int = 2,
+                    head_params: dict | None = None) -> "EdgeModel":
         """Sessions for one encoder variant; only files the signed manifest lists (and that
-        load_bundle therefore verified) are ever opened."""
+        load_bundle therefore verified) are ever opened. ``head_params``: the numpy head to run
+        (None: head.onnx); which head is active for a clinic is ClinicState.active_head's decision,
+        and ClinicState.model_for is how the runtime gets its model."""
         manifest, where = bundle.manifest, bundle.root / "manifest.json"
         try:
             variants = {v["name"]: v for v in manifest["variants"]}
@@ -102,10 +108,8 @@ class EdgeModel:
         except (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidGraph,
                 ort.capi.onnxruntime_pybind11_state.InvalidProtobuf) as exc:
             raise BundleError(f"{bundle.root}: ONNX Runtime cannot load the model ({str(exc)[:120]})") from exc
-        if manifest["head"].get("runtime") == "numpy":  # a federated version: head.npz is the global head
-            from .finetune.state import bundle_head
-
-            model.use_head_params(bundle_head(bundle)[0])
+        model.variant = name
+        model.use_head_params(head_params)
         return model
 
     def embed(self, modality: str, x: np.ndarray) -> np.ndarray:

@@ -5,17 +5,13 @@ adjusted for this CPU's class (see ``select.variant_for_cpu``)."""
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 
 from .bundle import Bundle
 from .cpuinfo import this_cpu
-from .errors import BadInput
-from .fsutil import write_atomic
 from .select import variant_for_cpu
 
-PIN_FILE = "variant.json"
 STATE_ENV = "EDGE_RUN_STATE"
 
 
@@ -29,34 +25,22 @@ def bundle_fingerprint(bundle: Bundle) -> str:
     return hashlib.sha256((bundle.root / "manifest.json").read_bytes()).hexdigest()
 
 
-def read_pin(state_dir: Path, bundle: Bundle) -> dict | None:
-    path = state_dir / PIN_FILE
-    if not path.exists():
-        return None
-    try:
-        pin = json.loads(path.read_text())
-        if not isinstance(pin, dict) or not isinstance(pin.get("variant"), str):
-            raise ValueError("no variant")
-    except (OSError, ValueError) as exc:
-        raise BadInput(f"{path}: unreadable variant pin ({exc}); delete it or run `edge-run profile --select` again") from exc
-    return pin if pin.get("bundle") == bundle_fingerprint(bundle) else None
+def pin_document(bundle: Bundle, variant: str, figures: dict) -> dict:
+    return {"bundle": bundle_fingerprint(bundle), "model_version": bundle.model_version, "variant": variant,
+            "cpu": this_cpu().to_dict(), "figures": figures}
 
 
 def write_pin(state_dir: Path, bundle: Bundle, variant: str, figures: dict) -> Path:
-    state_dir.mkdir(parents=True, exist_ok=True)
-    doc = {"bundle": bundle_fingerprint(bundle), "model_version": bundle.model_version, "variant": variant,
-           "cpu": this_cpu().to_dict(), "figures": figures}
-    path = state_dir / PIN_FILE
-    write_atomic(path, (json.dumps(doc, indent=2) + "\n").encode())
-    return path
+    """Pin ``variant`` for ``bundle`` in the clinic state folder (ClinicState owns the file)."""
+    from .state import ClinicState
+
+    return ClinicState(state_dir).write_pin(bundle, variant, figures)
 
 
-def resolve_variant(bundle: Bundle, requested: str | None, state_dir: Path | None) -> tuple[str, str]:
-    """(variant, why)."""
+def resolve_variant(bundle: Bundle, requested: str | None, pin: dict | None, where: Path | None = None) -> tuple[str, str]:
+    """(variant, why) from an explicit request, this PC's pin for the bundle, or the CPU."""
     if requested:
         return requested, "asked for with --variant"
-    state_dir = state_dir or default_state_dir()
-    pin = read_pin(state_dir, bundle)
     if pin is not None:
-        return pin["variant"], f"pinned by `edge-run profile --select` ({state_dir})"
+        return pin["variant"], f"pinned by `edge-run profile --select` ({where})"
     return variant_for_cpu(bundle.manifest, this_cpu().features)

@@ -10,18 +10,21 @@ the operation in progress (``swap``, ``finetune``, ``upload`` on a clinic; ``upl
     DWFL_CRASH_LOG=FILE   append every step's label to FILE (a dry run: how many steps, which)
     DWFL_CRASH_AT=K       send SIGKILL to this process at step K: no cleanup, no atexit, no flush,
                           exactly what `kill -9` does
+    DWFL_FULL_AT=K        the disk fills up at step K, an os.write: half of its bytes are written,
+                          then it raises ENOSPC (what a full disk does to a write)
 
 Nothing here is imported by the product; the wrapped functions are the real ones, called unchanged.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import signal
 from pathlib import Path
 
-_state = {"n": 0, "phase": "start", "at": 0, "log": None}
+_state = {"n": 0, "phase": "start", "at": 0, "full": 0, "log": None}
 
 
 def step(kind: str, detail: str = "") -> None:
@@ -48,6 +51,10 @@ def _around(kind: str, detail=lambda *a, **k: ""):
         def inner(*args, **kwargs):
             d = detail(*args, **kwargs)
             step(kind, d)
+            if kind == "write" and _state["n"] == _state["full"]:
+                fd, data = args[0], bytes(args[1])
+                fn(fd, data[:len(data) // 2])  # the disk takes part of it, then is full
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             out = fn(*args, **kwargs)
             step(kind + "-done", d)
             return out
@@ -85,6 +92,7 @@ def then_phase(phase: str):
 def arm(role: str) -> None:
     """Install the wrappers for a ``clinic`` (edge-run) or ``server`` (edge-server) process."""
     _state["at"] = int(os.environ.get("DWFL_CRASH_AT", "0"))
+    _state["full"] = int(os.environ.get("DWFL_FULL_AT", "0"))
     if os.environ.get("DWFL_CRASH_LOG"):
         _state["log"] = open(os.environ["DWFL_CRASH_LOG"], "a")  # noqa: SIM115 - lives as long as the process
 

@@ -1,7 +1,7 @@
 """The fault matrix: kill -9 at seeded random points of real processes, then restart and check.
 
 Clinic (`edge-run sync` against a live server): killed while the new global model is downloaded and
-swapped in, while fine-tuning, while uploading. Server (`edge-server serve`): killed while receiving
+swapped in, while fine-tuning, while uploading; and the disk full during the ledger charge. Server (`edge-server serve`): killed while receiving
 updates, while aggregating, while publishing the new version. A dry run of each operation lists its
 steps (tests/crashpoints.py: every rename, fsync, write, unlink, SQL statement and commit, HTTP
 request); each seed picks one step of the phase and the process sends itself SIGKILL there.
@@ -33,9 +33,8 @@ from sqlalchemy import select
 
 from edge_runtime.bundle import _verify_signature, load_bundle
 from edge_runtime.errors import Refused
-from edge_runtime.finetune.state import State, read_update
+from edge_runtime.state import ClinicState, read_update
 from edge_runtime.keys import load_public_key
-from edge_runtime.privacy.ledger import Ledger
 from edge_runtime.sync.client import Client, enroll
 from server import db
 from server.blobs import BlobStore
@@ -105,8 +104,9 @@ def temp_files(root: Path) -> list[Path]:
 
 # ---------------------------------------------------------------- clinic side
 
-def sync(state: Path, url: str, manifest: Path, crash_at: int = 0, log: Path | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DWFL_CRASH_AT": str(crash_at)}
+def sync(state: Path, url: str, manifest: Path, crash_at: int = 0, log: Path | None = None,
+         full_at: int = 0) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DWFL_CRASH_AT": str(crash_at), "DWFL_FULL_AT": str(full_at)}
     if log:
         env["DWFL_CRASH_LOG"] = str(log)
     args = ["sync", "--state", str(state), "--server", url, "--manifest", str(manifest), "--epsilon", "4", "--round-epsilon", "1",
@@ -130,7 +130,7 @@ def clinic_setup(tmp_path_factory, micro_out) -> dict:
     try:
         token = edge_server("token", "--home", str(home), "--clinic", "clinic-k").stdout.strip()
         enroll(root / "state", srv.url, token, "x25519")
-        State(root / "state").clinic()  # one clinic id for every copy: the same validation split, the same steps
+        assert ClinicState(root / "state").clinic_id == "clinic-k"  # enrollment made the one id: the same split, the same steps
     finally:
         srv.stop()
     setup = {"home": home, "state": root / "state", "manifest": data / "manifest.csv"}
@@ -163,8 +163,7 @@ def check_clinic(state: Path, home: Path) -> dict:
         doc = json.loads((state / "bundles" / "current.json").read_text())
         bundle = load_bundle(state / "bundles" / doc["folder"], server_key)  # verified, or raises
         current = int(doc["version"])
-        st = State(state)
-        st.active_head(bundle, int(bundle.manifest["embedding_dim"]), len(bundle.classes))  # verified, or raises
+        ClinicState(state).active_head(bundle)  # verified, or raises
     for folder in (state / "bundles").glob("v*"):
         load_bundle(folder, server_key)  # an installed version is always a whole, verified one
     ids: set[str] = set()
@@ -176,9 +175,9 @@ def check_clinic(state: Path, home: Path) -> dict:
             ids.add(side.stem)
     charges = 0
     if (state / "clinic.json").exists():
-        clinic = State(state).clinic(create=False)
-        for name in clinic["datasets"]:
-            charges += len(Ledger(State(state).ledger_folder(name), clinic["clinic_id"], name, None, 1e-5).charges)
+        st = ClinicState(state)
+        for name in st.datasets():
+            charges += len(st.ledger(name).charges)  # its own delta and budget
     engine = engine_of(home)
     with engine.connect() as conn:
         on_server = [r.update_id for r in conn.execute(select(db.updates).where(db.updates.c.clinic == "clinic-k"))]
@@ -215,6 +214,31 @@ def test_clinic_killed(clinic_setup, tmp_path, phase, point):
         assert statuses in (["stored"], ["already have it"]), report
     record({"side": "clinic", "phase": phase, "point": point, "step": k, "label": label, "after_kill": after_kill,
             "after_restart": final, "restart_upload": statuses[0] if statuses else "nothing to send", "extra_charges": final["charges"] - final["updates"]})
+
+
+def test_clinic_disk_full_during_the_ledger_charge(clinic_setup, tmp_path):
+    """The disk fills up inside the ledger append (half the line written, then ENOSPC): exit 3, the
+    ledger as it was (readable, nothing charged, nothing made), and the next sync trains and sends."""
+    k, label = pick(clinic_setup["labels"], "finetune", "finetune:write:")
+    s = copy_setup(clinic_setup, tmp_path / "run")
+    srv = ServerProcess(s["home"], None).start()
+    try:
+        full = sync(s["state"], srv.url, s["manifest"], full_at=k)
+        lines = full.stderr.strip().splitlines()
+        assert full.returncode == 3 and len(lines) == 1 and "disk full" in lines[0] and "ledger.jsonl" in lines[0], full.stderr[-800:]
+        after = check_clinic(s["state"], s["home"])  # the ledger reads (it raises when corrupt)
+        again = sync(s["state"], srv.url, s["manifest"])
+        assert again.returncode == 0, f"after a full disk at step {k} ({label}): {again.stderr[-800:]}"
+        report = json.loads(again.stdout)
+        final = check_clinic(s["state"], s["home"])
+    finally:
+        srv.stop()
+    assert after["charges"] == 0 and after["updates"] == 0 and after["temp_files"] == 0, after
+    assert final["current"] == 1 and final["charges"] == 1 and final["on_server"] == 1 and final["pending"] == 0, final
+    statuses = [u["status"] for u in report["uploads"]]
+    assert statuses == ["stored"], report
+    record({"side": "clinic", "fault": "disk full", "phase": "finetune", "point": "ledger charge", "step": k, "label": label,
+            "after_kill": after, "after_restart": final, "restart_upload": statuses[0], "extra_charges": final["charges"] - final["updates"]})
 
 
 # ---------------------------------------------------------------- server side

@@ -98,3 +98,29 @@ def test_sweep_removes_only_dead_processes_temporaries(tmp_path):
     assert sweep_temps(tmp_path) == 2
     assert not any(p.exists() for p in leftovers) and all(p.exists() for p in keep)
     assert sweep_temps(tmp_path / "missing") == 0
+
+
+def test_disk_full_during_a_ledger_charge_then_status_and_finetune_work(micro_out, labelled_cases, tmp_path):
+    """Regression (issue 14): a short os.write of the ledger line was ignored, the head record counted
+    the cut line and every later finetune / sync / status said "ledger entry is corrupt". Now the
+    append is whole or cut back: exit 3, the ledger as before, and the next runs work."""
+    state = tmp_path / "state"
+    args = ["edge-run", "finetune", "--bundle", str(micro_out / "bundle"), "--manifest", str(labelled_cases),
+            "--state", str(state), "--seed", "1", "--json", "--round-epsilon", "0.1"]
+    first = limited(2**40, *args)
+    assert first.returncode == 0, first.stderr
+    ledger = state / "privacy" / "default" / "ledger.jsonl"
+    before = ledger.read_bytes()
+    # Every other file the second run writes before its charge is smaller than this; the ledger line
+    # crosses it mid-way: the kernel writes part of it, then refuses (EFBIG, as ENOSPC on a full disk).
+    full = limited(len(before) + len(before) // 2, *args)
+    assert full.returncode == 3, (full.returncode, full.stderr)
+    lines = full.stderr.strip().splitlines()
+    assert len(lines) == 1 and "disk full or file size limit" in lines[0] and "ledger.jsonl" in lines[0], full.stderr
+    assert ledger.read_bytes() == before, "no partial line left behind"
+    status = limited(2**40, "edge-run", "status", "--state", str(state), "--json")
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["datasets"][0]["rounds"] == 1
+    again = limited(2**40, *args)
+    assert again.returncode == 0, again.stderr
+    assert len(ledger.read_text().splitlines()) == 2 and len(list(state.glob("outbox/*.npz"))) == 2

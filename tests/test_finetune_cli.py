@@ -13,7 +13,7 @@ import pytest
 
 from edge_runtime.bundle import MANIFEST, write_bundle
 from edge_runtime.finetune.head import forward, load_params
-from edge_runtime.finetune.state import read_update
+from edge_runtime.state import read_update
 from edge_runtime.keys import load_private_key
 from edge_runtime.privacy.accountant import RoundEvents, epsilon
 
@@ -35,7 +35,7 @@ sys.argv[0] = 'edge-run'
 main()
 """
 # A hard crash after the ledger charge, while the update is being written.
-CRASH_ON_UPDATE = "import os, edge_runtime.finetune.state as s; s.State.write_update = lambda *a, **k: os._exit(9)"
+CRASH_ON_UPDATE = "import os, edge_runtime.state as s; s.ClinicState.write_update = lambda *a, **k: os._exit(9)"
 
 
 def run(*args: str, patch: str = "") -> subprocess.CompletedProcess:
@@ -218,3 +218,97 @@ def test_help():
     for cmd in ("finetune", "rollback", "status"):
         proc = run(cmd, "--help")
         assert proc.returncode == 0 and "Usage" in proc.stdout
+
+
+def _resigned(micro_out, dest, key=None, **changes):
+    """The micro bundle with manifest members changed, signed again (by ``key``, else the micro key);
+    its public key next to it."""
+    from edge_runtime.keys import save_public_key
+
+    src = micro_out / "bundle"
+    manifest = json.loads((src / MANIFEST).read_text())
+    body = {k: v for k, v in manifest.items() if k not in ("files", "signature", "format_version")}
+    key = key or load_private_key(micro_out / "signing_key.pem")
+    bundle = write_bundle(dest, {name: src / name for name in manifest["files"]}, {**body, **changes}, key)
+    save_public_key(key.public_key(), dest.with_name(dest.name + ".pub"))
+    return bundle
+
+
+def test_finetune_trains_on_the_pinned_variant(micro_out, cases, tmp_path):
+    """Regression (issue 13): on a PC pinned to fp32 by `profile --select`, finetune embedded with the
+    bundle's default variant (INT8 here) and the head was then served on fp32 embeddings."""
+    from edge_runtime.bundle import load_bundle
+    from edge_runtime.finetune.cache import encoder_key
+    from edge_runtime.keys import load_public_key
+    from edge_runtime.state import ClinicState
+
+    bundle_dir = _resigned(micro_out, tmp_path / "b", default_variant="int8")
+    bundle = load_bundle(bundle_dir, load_public_key(tmp_path / "b.pub"))
+    state = ClinicState(tmp_path / "state")
+    state.write_pin(bundle, "fp32", {"note": "as profile --select writes it"})
+    proc = finetune(bundle_dir, cases, state.root, "--round-epsilon", "0.1")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    fp32 = {v["name"]: v["encoders"] for v in bundle.manifest["variants"]}["fp32"]
+    key = encoder_key(bundle.manifest, "fp32", fp32)
+    assert [p.name for p in state.cache_dir.iterdir()] == [key[:24]], "the cache holds fp32 embeddings"
+    assert report["variant"] == "fp32" and "pinned" in report["variant_reason"] and report["encoder_key"] == key
+    assert state.model_for(bundle).variant == "fp32", "served on the variant it was trained on"
+
+
+def test_ledger_delta_is_the_ledgers_own_in_doctor_status_and_finetune(micro_out, cases, tmp_path):
+    """Regression (issue 13): doctor opened every ledger at delta 1e-5 and called a healthy 1e-6 one
+    "edited or corrupt"; status did the same unless given --delta."""
+    state = tmp_path / "state"
+    bundle = micro_out / "bundle"
+    first = finetune(bundle, cases, state, "--delta", "1e-6", "--round-epsilon", "0.1")
+    assert first.returncode == 0, first.stderr
+    status = run("status", "--state", str(state), "--json")
+    assert status.returncode == 0, status.stderr
+    (d,) = json.loads(status.stdout)["datasets"]
+    assert d["delta"] == 1e-6 and d["rounds"] == 1 and d["accountant"] == "rdp"
+    doctor = run("doctor", "--state", str(state), "--json")
+    checks = {c["name"]: c for c in json.loads(doctor.stdout)["checks"]}
+    assert checks["privacy budget (default)"]["ok"], checks
+    assert not any("corrupt" in c["detail"] or "edited" in c["detail"] for c in checks.values()), checks
+    other = finetune(bundle, cases, state, "--delta", "1e-5", "--round-epsilon", "0.1")
+    lines = other.stderr.strip().splitlines()
+    assert other.returncode == 1 and len(lines) == 1 and "delta" in lines[0] and "1e-06" in lines[0] and "corrupt" not in lines[0]
+    again = finetune(bundle, cases, state, "--round-epsilon", "0.1")  # no --delta: the ledger's
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["privacy"]["delta"] == 1e-6 and len(ledger_lines(state)) == 2
+
+
+def test_changed_bundle_signer_is_refused_without_trusted_key(micro_out, cases, tmp_path):
+    """Issue 14 (10a): the signer key is pinned in the state folder at its first verified use; a
+    bundle folder whose BUNDLE.pub was replaced with another key is refused (exit 2, one line)."""
+    from edge_runtime.keys import generate_key
+
+    state = tmp_path / "state"
+    assert finetune(micro_out / "bundle", cases, state, "--round-epsilon", "0.1").returncode == 0
+    assert (state / "signer.pub").read_bytes() == (micro_out / "bundle.pub").read_bytes()
+    rogue = _resigned(micro_out, tmp_path / "rogue", key=generate_key())
+    probe = ["infer", "--bundle", str(rogue), "--state", str(state), "--synthetic", "--case-id", "3", "--json"]
+    refused = run(*probe)
+    _one_line(refused, "rogue.pub", "pinned", "--trusted-key")
+    accepted = run(*probe, "--trusted-key", str(tmp_path / "rogue.pub"))
+    assert accepted.returncode == 0, accepted.stderr
+    assert run("infer", "--bundle", str(micro_out / "bundle"), "--state", str(state), "--synthetic", "--case-id", "3").returncode == 0
+
+
+def test_enrollment_keeps_the_clinic_id_its_ledger_carries(tmp_path):
+    """One clinic id: a folder whose id already has a ledger is not enrolled under another name (the
+    token is not spent: refused before any request)."""
+    from edge_runtime.errors import BadInput
+    from edge_runtime.state import ClinicState
+    from edge_runtime.sync.client import enroll
+
+    state = ClinicState(tmp_path / "state")
+    state.register_dataset("default")
+    token = "dwfl1.north." + "s" * 24 + "." + "0" * 64
+    with pytest.raises(BadInput, match=f"ask for a token for '{state.clinic_id}'"):
+        enroll(state, "http://127.0.0.1:9", token)
+    assert not state.sync_dir.exists()
+    fresh = ClinicState(tmp_path / "fresh")
+    fresh.adopt_enrolled_name("north")
+    assert fresh.clinic_id == "north" and fresh.ledger("default").clinic == "north"

@@ -17,7 +17,7 @@ from edge_runtime.privacy.accountant import (
     epsilon,
     plan_round,
 )
-from edge_runtime.privacy.ledger import Ledger, LedgerError
+from edge_runtime.privacy.ledger import Ledger, LedgerError, LedgerMismatch, _digest
 
 DIM, CLASSES = 6, 2
 
@@ -202,9 +202,87 @@ def test_lifetime_budget_is_fixed_by_the_first_round(tmp_path):
     ledger = Ledger(tmp_path / "p", "clinic-a", "ds", 0.5, 1e-5)
     ledger.charge("r0", RoundEvents(0.1, 12.0, 30, 30.0))
     assert Ledger(tmp_path / "p", "clinic-a", "ds", None, 1e-5).epsilon_total == 0.5, "status reads the recorded budget"
-    assert Ledger(tmp_path / "p", "clinic-a", "ds", 0.3, 1e-5).epsilon_total == 0.3, "a run may hold itself to less"
-    with pytest.raises(LedgerError, match="fixed at epsilon 0.5 by its first round"):
-        Ledger(tmp_path / "p", "clinic-a", "ds", 5.0, 1e-5)
+    for other in (5.0, 0.3):  # more, or less (spend less per round with --round-epsilon instead)
+        with pytest.raises(LedgerMismatch, match="epsilon of dataset 'ds' was fixed at 0.5 by its first round") as err:
+            Ledger(tmp_path / "p", "clinic-a", "ds", other, 1e-5)
+        assert "\n" not in str(err.value) and "corrupt" not in str(err.value)
+
+
+def test_ledger_is_authoritative_for_delta_and_records_its_accountant(tmp_path):
+    """Regression (issue 13): a ledger written at delta 1e-6 is read at 1e-6 by a caller that passes
+    nothing (doctor, status); a caller passing 1e-5 gets a one-line refusal, never "corrupt"."""
+    folder = tmp_path / "p"
+    Ledger(folder, "clinic-a", "ds", 1.0, 1e-6).charge("r0", RoundEvents(0.1, 12.0, 30, 30.0))
+    entry = json.loads((folder / "ledger.jsonl").read_text())
+    assert entry["delta"] == 1e-6 and entry["epsilon_total"] == 1.0 and entry["accountant"] == "rdp" and entry["dp_accounting"]
+    read = Ledger(folder, "clinic-a", "ds")
+    assert read.delta == 1e-6 and read.epsilon_total == 1.0
+    assert read.spent() == pytest.approx(epsilon([RoundEvents(0.1, 12.0, 30, 30.0)], 1e-6))
+    assert read.summary()["delta"] == 1e-6 and read.summary()["accountant"] == "rdp"
+    with pytest.raises(LedgerMismatch, match="delta of dataset 'ds' was fixed at 1e-06") as err:
+        Ledger(folder, "clinic-a", "ds", None, 1e-5)
+    assert "corrupt" not in str(err.value) and err.value.exit_code == 1
+
+
+def test_ledger_written_before_parameters_were_recorded_still_reads(tmp_path):
+    """Lines of today's format (no accountant / dp-accounting version) read as the RDP accountant."""
+    folder = tmp_path / "p"
+    ledger = Ledger(folder, "clinic-a", "ds", 0.5, 1e-5)
+    for i in range(2):
+        ledger.charge(f"r{i}", RoundEvents(0.1, 12.0, 30, 30.0))
+    old, prev = [], "0" * 64
+    for line in (folder / "ledger.jsonl").read_text().splitlines():
+        entry = {k: v for k, v in json.loads(line).items() if k not in ("accountant", "dp_accounting", "hash")}
+        entry["prev"] = prev
+        entry["hash"] = prev = _digest(entry)
+        old.append(json.dumps(entry, sort_keys=True))
+    (folder / "ledger.jsonl").write_text("\n".join(old) + "\n")
+    head = json.loads((folder / "ledger.head.json").read_text())
+    (folder / "ledger.head.json").write_text(json.dumps({**head, "last_hash": prev}))
+    again = Ledger(folder, "clinic-a", "ds")
+    assert len(again.charges) == 2 and again.delta == 1e-5 and again.summary()["accountant"] == "rdp"
+    again.charge("r2", RoundEvents(0.1, 12.0, 30, 30.0))  # appends in the new format after old lines
+    assert len(Ledger(folder, "clinic-a", "ds").charges) == 3
+
+
+def test_torn_last_line_is_dropped_and_the_next_charge_follows(tmp_path):
+    """Regression (issue 14): a process that died inside an append leaves a cut line the head record
+    never counted; it is dropped (nothing of that round was released), never a lock-out."""
+    folder = tmp_path / "p"
+    ledger = Ledger(folder, "clinic-a", "ds", 0.5, 1e-5)
+    ledger.charge("r0", RoundEvents(0.1, 12.0, 30, 30.0))
+    whole = (folder / "ledger.jsonl").read_bytes()
+    with open(folder / "ledger.jsonl", "ab") as fh:
+        fh.write(whole[:57])  # a second line cut mid-way
+    again = Ledger(folder, "clinic-a", "ds")
+    assert len(again.charges) == 1 and (folder / "ledger.jsonl").read_bytes() == whole, "torn bytes cut off"
+    again.charge("r1", RoundEvents(0.1, 12.0, 30, 30.0))
+    assert [c.seq for c in Ledger(folder, "clinic-a", "ds").charges] == [1, 2]
+    with open(folder / "ledger.jsonl", "ab") as fh:  # torn bytes appear under a reader that already read
+        fh.write(b'{"format": 1, "se')
+    again.charge("r2", RoundEvents(0.1, 12.0, 30, 30.0))
+    assert [c.round_id for c in Ledger(folder, "clinic-a", "ds").charges] == ["r0", "r1", "r2"]
+
+
+def test_a_torn_line_the_head_counts_is_still_refused(tmp_path):
+    folder = tmp_path / "p"
+    ledger = Ledger(folder, "clinic-a", "ds", 0.5, 1e-5)
+    for i in range(2):
+        ledger.charge(f"r{i}", RoundEvents(0.1, 12.0, 30, 30.0))
+    data = (folder / "ledger.jsonl").read_bytes()
+    (folder / "ledger.jsonl").write_bytes(data[:-30])  # the counted last line cut: an under-count
+    with pytest.raises(LedgerError, match="truncated or edited"):
+        Ledger(folder, "clinic-a", "ds")
+
+
+def test_too_small_round_epsilon_says_so():
+    """Regression (issue 14, 10c): the cap of the round is what is too small, not the budget left."""
+    for cap in (5e-4, 2e-3):
+        with pytest.raises(BudgetExhausted) as err:
+            plan_round([], 1600, 256, 10, 20.0, 0.5, 1e-5, round_epsilon=cap)
+        assert "--round-epsilon" in str(err.value) and f"({cap:g}" in str(err.value) and "budget spent" not in str(err.value)
+    with pytest.raises(BudgetExhausted, match="privacy budget spent"):
+        plan_round([RoundEvents(0.16, 1.0, 63, 20.0)], 1600, 256, 10, 20.0, 0.5, 1e-5, round_epsilon=0.1)
 
 
 def test_validation_split_is_stable_and_keeps_both_classes():

@@ -81,3 +81,55 @@ def test_two_rounds_end_to_end(tmp_path, micro_out, manifests):
         assert not (north / "bundles" / "v4").exists()
     finally:
         srv.stop()
+
+
+def test_one_state_folder_finetunes_syncs_pulls_and_predicts_with_the_new_version(tmp_path, micro_out, manifests):
+    """Regression (issue 14): a clinic that had ever fine-tuned (STATE/heads/ exists) ran a pulled
+    version on head.onnx (version 1's head) instead of its federated head.npz. One state folder here
+    fine-tunes, syncs, pulls the next version and predicts with it."""
+    import numpy as np
+
+    from edge_runtime.bundle import load_bundle
+    from edge_runtime.cli import synthetic_cohort
+    from edge_runtime.finetune.head import load_params
+    from edge_runtime.keys import load_public_key
+    from edge_runtime.model import EdgeModel
+    from edge_runtime.variants import resolve_variant
+
+    home, state = tmp_path / "srv", tmp_path / "state"
+    assert edge_server("init", "--home", str(home), "--min-clients", "1").returncode == 0
+    assert edge_server("publish", "--home", str(home), str(micro_out / "bundle")).returncode == 0
+    srv = ServerProcess(home, None).start()
+    try:
+        token = edge_server("token", "--home", str(home), "--clinic", "solo").stdout.strip()
+        assert edge_run("enroll", "--server", srv.url, "--token", token, "--state", str(state)).returncode == 0
+        assert json.loads((state / "clinic.json").read_text())["clinic_id"] == "solo", "the enrolled name is the one id"
+        assert edge_run("sync", "--state", str(state), "--json").returncode == 0  # pulls version 1
+        privacy = ["--epsilon", "4", "--round-epsilon", "1.5", "--epochs", "5"]
+        ft = edge_run("finetune", "--bundle", str(state / "bundles" / "v1"), "--state", str(state), "--manifest",
+                      str(manifests["north"]), *privacy, "--tolerance", "1", "--seed", "3", "--json")
+        assert ft.returncode == 0, ft.stderr
+        made = json.loads(ft.stdout)
+        assert made["activated"] and made["update_id"].startswith("solo-") and (state / "heads").is_dir()
+        proc = edge_run("sync", "--state", str(state), "--manifest", str(manifests["north"]), *privacy, "--seed", "4", "--json")
+        assert proc.returncode == 0, proc.stderr
+        assert [u["status"] for u in json.loads(proc.stdout)["uploads"]] == ["stored"]
+        deadline = time.time() + 60
+        while time.time() < deadline and json.loads(edge_server("rounds", "--home", str(home), "--json").stdout)[0]["state"] != "closed":
+            time.sleep(0.5)
+        proc = edge_run("sync", "--state", str(state), "--json")
+        assert proc.returncode == 0 and json.loads(proc.stdout)["version"] == 2, proc.stderr
+        v2 = state / "bundles" / "v2"
+        infer = edge_run("infer", "--bundle", str(v2), "--state", str(state), "--synthetic", "--case-id", "5", "--json")
+        assert infer.returncode == 0, infer.stderr  # no --trusted-key: the server key pinned at enrollment
+        got = json.loads(infer.stdout)["probability"]
+    finally:
+        srv.stop()
+    bundle = load_bundle(v2, load_public_key(state / "sync" / "server.pub"))
+    variant, _ = resolve_variant(bundle, None, None)
+    case = synthetic_cohort(bundle).case(5)
+    federated = load_params(v2 / "head.npz", int(bundle.manifest["embedding_dim"]), len(bundle.classes))
+    expected = EdgeModel.from_bundle(bundle, variant, head_params=federated).predict(case).probability
+    version1 = EdgeModel.from_bundle(bundle, variant).predict(case).probability  # head.onnx: version 1's head
+    assert abs(expected - version1) > 1e-4, "the federated head changed the prediction"
+    assert got == pytest.approx(expected, abs=2e-6) and np.isfinite(got)

@@ -69,11 +69,6 @@ def params_bytes(params: Params) -> bytes:
     return buf.getvalue()
 
 
-def dims(params: Params) -> tuple[int, int]:
-    """(embedding dim, classes) of a parameter set."""
-    return int(params["classifier.weight"].shape[1]), int(params["classifier.weight"].shape[0])
-
-
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * x))  # stable for any x
 

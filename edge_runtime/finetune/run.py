@@ -2,7 +2,8 @@
 
 1. refuse bad input before anything is spent: manifest, labels (binary, both classes), bundle head,
    ledger (corrupt or edited: exit 2), budget already spent (exit 1);
-2. embed each case with the frozen INT8 encoders into the on-disk cache (only cases not cached yet);
+2. embed each case with the frozen encoders of the variant this PC runs (ClinicState.model_for: the
+   pinned one, else the export's choice for this CPU) into the on-disk cache (only cases not cached yet);
 3. split train / validation per case (stable across rounds), validation loss and AUC of the start;
 4. plan sigma and steps to fit the budget left, **charge the ledger (fsync)**, then train the head by
    DP-SGD in numpy;
@@ -32,21 +33,20 @@ from ..metrics import roc_auc
 from ..model import EdgeModel
 from ..preprocess import prepare_case
 from ..privacy.accountant import BudgetExhausted, epsilon, plan_round
-from ..privacy.ledger import Ledger, LedgerError
 from ..profiling import peak_rss_mb
 from ..progress import progress
+from ..state import ClinicState, bundle_head, bundle_head_key
 from . import dpsgd
 from .cache import EmbeddingCache, encoder_key, fingerprint
 from .head import Params, forward, losses, softmax
-from .state import State, bundle_head, bundle_head_key
 
 EVAL_CHUNK = 512
 
 
 @dataclass(frozen=True)
 class FinetuneOptions:
-    epsilon: float = 0.5  # the clinic's whole participation, this dataset
-    delta: float = 1e-5
+    epsilon: float | None = None  # the clinic's whole participation, this dataset (None: the ledger's; 0.5 for a new one)
+    delta: float | None = None  # None: the ledger's (1e-5 for a new one)
     dataset: str = "default"
     round_epsilon: float | None = None  # at most this much in this round (None: all that is left)
     epochs: float = 10.0
@@ -63,9 +63,9 @@ class FinetuneOptions:
     threads: int = 2
 
     def check(self) -> None:
-        if not 0 < self.epsilon <= 100:
+        if self.epsilon is not None and not 0 < self.epsilon <= 100:
             raise BadInput(f"--epsilon must be in (0, 100], got {self.epsilon:g}")
-        if not 0 < self.delta < 1e-2:
+        if self.delta is not None and not 0 < self.delta < 1e-2:
             raise BadInput(f"--delta must be in (0, 0.01), got {self.delta:g}")
         if self.round_epsilon is not None and self.round_epsilon <= 0:
             raise BadInput(f"--round-epsilon must be > 0, got {self.round_epsilon:g}")
@@ -108,10 +108,6 @@ def check_labels(manifest: Manifest, classes: list[str]) -> Labelled:
 def _case_hash(clinic: str, case_id: str) -> float:
     """In [0, 1): stable per case across rounds, unpredictable without the clinic id."""
     return int.from_bytes(hashlib.sha256(f"{clinic}\n{case_id}".encode()).digest()[:8], "big") / 2**64
-
-
-def is_validation(clinic: str, case_id: str, fraction: float) -> bool:
-    return _case_hash(clinic, case_id) < fraction
 
 
 def validation_split(clinic: str, case_ids: list[str], labels: np.ndarray, fraction: float, per_class: int = 2) -> np.ndarray:
@@ -191,32 +187,29 @@ def noisy_metadata(rng: np.random.Generator, n_train: int, modality_counts: np.n
     }
 
 
-def finetune(bundle: Bundle, manifest: Manifest, state: State, opts: FinetuneOptions, log=lambda s: None) -> dict:
+def finetune(bundle: Bundle, manifest: Manifest, state: ClinicState, opts: FinetuneOptions, log=lambda s: None) -> dict:
     opts.check()
     t0 = time.perf_counter()
     labelled = check_labels(manifest, bundle.classes)
     start_params, dim, n_classes = bundle_head(bundle)
-    active_params, active_entry = state.active_head(bundle, dim, n_classes)
-    clinic = state.clinic(create=False)["clinic_id"] if (state.root / "clinic.json").exists() else None
-    ledger_dir = state.ledger_folder(opts.dataset)
-    if clinic is not None and opts.dataset in state.clinic()["datasets"] and not (ledger_dir / "ledger.head.json").exists():
-        raise LedgerError(f"{ledger_dir}: the privacy ledger of dataset {opts.dataset!r} is missing (deleted?); refusing to start from zero")
-    clinic = clinic or state.clinic()["clinic_id"]
-    ledger = Ledger(ledger_dir, clinic, opts.dataset, opts.epsilon, opts.delta)
-    if ledger.spent() >= opts.epsilon - 1e-3:
-        raise Refused(f"privacy budget spent for dataset {opts.dataset!r}: epsilon {ledger.spent():.4f} of {opts.epsilon:g} "
-                      f"(delta {opts.delta:g}); nothing trained, nothing sent")
+    ledger = state.ledger(opts.dataset, epsilon_total=opts.epsilon, delta=opts.delta)  # its own budget and delta
+    clinic, eps_total, delta_ = state.clinic_id, ledger.epsilon_total, ledger.delta
+    if ledger.spent() >= eps_total - 1e-3:
+        raise Refused(f"privacy budget spent for dataset {opts.dataset!r}: epsilon {ledger.spent():.4f} of {eps_total:g} "
+                      f"(delta {delta_:g}); nothing trained, nothing sent")
 
-    # 2. embeddings (frozen encoders, one case at a time) into the cache
-    variant = opts.variant or bundle.manifest["default_variant"]
-    model = EdgeModel.from_bundle(bundle, variant, opts.threads)
+    # 2. embeddings (frozen encoders of the variant this PC runs, one case at a time) into the cache
+    model = state.model_for(bundle, opts.variant, opts.threads)
+    active = model.active_head
+    variant = model.variant
     enc_files = {v["name"]: v["encoders"] for v in bundle.manifest["variants"]}[variant]
-    cache = EmbeddingCache(state.root / "cache", encoder_key(bundle.manifest, variant, enc_files), dim, len(MODALITIES), opts.cache_mb)
+    cache = EmbeddingCache(state.cache_dir, encoder_key(bundle.manifest, variant, enc_files), dim, len(MODALITIES), opts.cache_mb)
     if cache.dim != int(start_params["classifier.weight"].shape[1]):
         raise BadInput(f"{cache.folder}: cache embeddings have dimension {cache.dim}, the bundle head expects {dim}")
     if len(labelled.case_ids) > cache.capacity:
         raise BadInput(f"{manifest.path}: {len(labelled.case_ids)} cases do not fit the {opts.cache_mb:g} MB cache; raise --cache-mb")
     row_of, rejected = fill_cache(model, bundle, manifest, cache, set(labelled.case_ids), log)
+    model_reason = model.variant_reason
     del model
     t_embed = time.perf_counter() - t0
 
@@ -231,13 +224,14 @@ def finetune(bundle: Bundle, manifest: Manifest, state: State, opts: FinetuneOpt
         raise BadInput(f"{manifest.path}: too few usable labelled cases ({len(tr_rows)} training, {len(va_rows)} validation, "
                        f"{len(rejected)} rejected) for a round with both classes in each split")
     start_eval = evaluate(start_params, cache, va_rows, va_labels)
-    active_eval = evaluate(active_params, cache, va_rows, va_labels) if active_params is not None else start_eval
+    # the head in force before this round (fine-tuned, or the bundle's: head.npz = head.onnx, tested)
+    active_eval = evaluate(active.params, cache, va_rows, va_labels) if active.source == "fine-tuned" else start_eval
     modality_counts = cache.read_masks(tr_rows).sum(axis=0)  # masks only: no embedding is loaded for this
 
     # 4. plan, charge (fsync), train
     try:
         plan = plan_round(ledger.rounds, len(tr_rows), opts.batch_size, opts.epochs, opts.meta_noise,
-                          opts.epsilon, opts.delta, opts.round_epsilon)
+                          eps_total, delta_, opts.round_epsilon)
     except BudgetExhausted as exc:
         raise Refused(f"{exc}; nothing trained, nothing sent") from exc
     round_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
@@ -267,8 +261,8 @@ def finetune(bundle: Bundle, manifest: Manifest, state: State, opts: FinetuneOpt
         "model_version": bundle.model_version, "base_head": bundle_head_key(bundle), **meta_release,
         "noise_multiplier": plan.events.noise_multiplier, "sampling_rate": plan.events.sampling_rate,
         "steps": plan.events.steps, "clip": opts.clip, "meta_noise_multiplier": plan.events.meta_noise_multiplier,
-        "epsilon_round": round(epsilon([plan.events], opts.delta), 6), "epsilon_spent": round(charge.epsilon_after, 6),
-        "delta": opts.delta, "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "epsilon_round": round(epsilon([plan.events], delta_), 6), "epsilon_spent": round(charge.epsilon_after, 6),
+        "delta": delta_, "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     update_path = state.write_update(update_id, delta, meta)
     baseline = active_eval["auc"]
@@ -277,13 +271,14 @@ def finetune(bundle: Bundle, manifest: Manifest, state: State, opts: FinetuneOpt
         state.activate(bundle, new_params, round_id, {"val_auc": round(new_eval["auc"], 4), "base_val_auc": round(baseline, 4)})
     return {
         "update": str(update_path), "update_id": update_id, "round_id": round_id, "clinic": clinic, "dataset": opts.dataset,
+        "variant": variant, "variant_reason": model_reason, "encoder_key": cache.key,
         "cases": {"train": int(len(tr_rows)), "validation": int(len(va_rows)), "rejected": len(rejected), "cached": len(cache)},
         "rejected": rejected,
         "validation": {"auc_start": round(start_eval["auc"], 4), "auc_active_before": round(baseline, 4),
                        "auc_new": round(new_eval["auc"], 4), "loss_start": round(start_eval["loss"], 4),
                        "loss_new": round(new_eval["loss"], 4), "tolerance": opts.tolerance},
         "activated": accepted,
-        "active_before": active_entry["round_id"] if active_entry else None,
+        "active_before": active.round_id,
         "privacy": {"noise_multiplier": round(plan.events.noise_multiplier, 4), "sampling_rate": round(plan.events.sampling_rate, 5),
                     "steps": plan.events.steps, "clip": opts.clip, "meta_noise_multiplier": plan.events.meta_noise_multiplier,
                     "epsilon_round": meta["epsilon_round"], **ledger.summary()},

@@ -96,9 +96,20 @@ def plan_round(
     ``epsilon_total`` (and this round adds at most ``round_epsilon`` when given); the planned steps are
     halved while even SIGMA_MAX does not fit. BudgetExhausted when nothing fits."""
     before = epsilon(past, delta)
-    target = epsilon_total if round_epsilon is None else min(epsilon_total, before + round_epsilon)
-    if target - before <= 1e-3:
+    left = epsilon_total - before
+    if left <= 1e-3:
         raise BudgetExhausted(f"privacy budget spent: epsilon {before:.4f} of {epsilon_total:g} used (delta {delta:g})")
+    per_round = round_epsilon is not None and round_epsilon < left  # the round's cap binds, not the budget
+    target = before + round_epsilon if per_round else epsilon_total
+    if per_round:
+        too_small = (f"the round's epsilon cap ({round_epsilon:g}, --round-epsilon) is too small for a round: one step at the "
+                     f"largest noise (sigma {SIGMA_MAX:g}) with the metadata release costs more; raise it "
+                     f"(budget left {left:.4f} of {epsilon_total:g}, delta {delta:g})")
+    else:
+        too_small = (f"privacy budget left ({left:.4f} of {epsilon_total:g}) is too small for a round: "
+                     f"epsilon {before:.4f} used (delta {delta:g})")
+    if target - before <= 1e-3:
+        raise BudgetExhausted(too_small)
     q = min(1.0, batch_size / max(n_train, 1))
     steps = max(1, math.ceil(epochs / q))
     meta_noise_multiplier = meta_noise_for(meta_noise_multiplier, META_SHARE * (target - before), delta)
@@ -108,10 +119,7 @@ def plan_round(
 
     while eps_with(SIGMA_MAX, steps) > target:
         if steps == 1:
-            raise BudgetExhausted(
-                f"privacy budget left ({epsilon_total - before:.4f} of {epsilon_total:g}) is too small for a round: "
-                f"epsilon {before:.4f} used (delta {delta:g})"
-            )
+            raise BudgetExhausted(too_small)
         steps = max(1, steps // 2)
     lo, hi = SIGMA_MIN, SIGMA_MAX
     if eps_with(lo, steps) <= target:

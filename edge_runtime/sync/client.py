@@ -1,12 +1,15 @@
 """The clinic side of sync (``edge-run enroll`` / ``edge-run sync``), over plain HTTP(S) with httpx.
+Every file lives where ClinicState (edge_runtime.state) says:
 
-    STATE/sync/clinic_ed25519.pem   the clinic's signing key (0600), made at enrollment
-    STATE/sync/server.json          server URL, clinic name, pinned server keys (Ed25519, HPKE), KEM
-    STATE/sync/server.pub           the pinned server key as PEM (what bundles are verified with)
-    STATE/sync/pending/ID.json      an outbox update waiting for upload: its round and base version
-    STATE/sync/sent/ID.json         uploaded updates (the server's answer)
-    STATE/bundles/vN/               verified global model versions (the current one and the one before
-                                    it); STATE/bundles/current.json names the current one
+    sync/clinic_ed25519.pem   the clinic's signing key (0600), made at enrollment
+    sync/server.json          server URL, clinic name, pinned server keys (Ed25519, HPKE), KEM
+    sync/server.pub           the pinned server key as PEM (what bundles are verified with)
+    sync/pending/ID.json      an outbox update waiting for upload: its round and base version
+    sync/sent/ID.json         uploaded updates (the server's answer)
+    bundles/vN/               verified global model versions (the current one and the one before
+                              it); bundles/current.json names the current one
+
+Enrollment makes the enrolled name the clinic's one id (clinic.json), see ClinicState.
 
 A sync: upload what is pending; pull the latest version (signature and hashes verified before it is
 installed); if the open round has nothing from us yet, fine-tune with DP on the labelled manifest,
@@ -35,7 +38,6 @@ from ..bundle import (
     load_bundle,
 )
 from ..errors import BadInput, BundleError, Refused
-from ..finetune.state import bundle_head_key
 from ..fsutil import fsync_tree, replace_dir, temp_path, write_atomic
 from ..keys import (
     generate_key,
@@ -46,6 +48,7 @@ from ..keys import (
     save_public_key,
 )
 from ..progress import progress
+from ..state import ClinicState, as_state, bundle_head_key
 from . import protocol, update as codec
 from .hpke import DEFAULT_KEM, KEMS, HpkePublic
 
@@ -62,21 +65,21 @@ class SyncConfig:
 
 
 class Client:
-    def __init__(self, state_root: Path, url: str | None = None, retries: int = 5, backoff: float = 0.5, timeout: float = 30.0) -> None:
-        self.root = Path(state_root).expanduser()
-        self.sync_dir = self.root / "sync"
-        cfg_path = self.sync_dir / "server.json"
+    def __init__(self, state: ClinicState | Path, url: str | None = None, retries: int = 5, backoff: float = 0.5,
+                 timeout: float = 30.0) -> None:
+        self.state = as_state(state)
+        cfg_path = self.state.server_config_file
         if not cfg_path.exists():
-            raise BadInput(f"{self.root}: this clinic is not enrolled (run `edge-run enroll --server URL --token T`)")
+            raise BadInput(f"{self.state.root}: this clinic is not enrolled (run `edge-run enroll --server URL --token T`)")
         try:
             self.config = SyncConfig(**json.loads(cfg_path.read_text()))
         except (OSError, ValueError, TypeError) as exc:
             raise BadInput(f"{cfg_path}: unreadable sync configuration ({exc})") from exc
         self.url = (url or self.config.url).rstrip("/")
-        self.key = load_private_key(self.sync_dir / "clinic_ed25519.pem")
-        self.server_key = load_public_key(self.sync_dir / "server.pub")
+        self.key = load_private_key(self.state.clinic_key_file)
+        self.server_key = load_public_key(self.state.server_key_file)
         if key_id(self.server_key) != self.config.server_key_id:
-            raise BadInput(f"{self.sync_dir}: pinned server key does not match its recorded fingerprint")
+            raise BadInput(f"{self.state.sync_dir}: pinned server key does not match its recorded fingerprint")
         self.hpke = HpkePublic.from_dict(self.config.hpke_public)
         self.retries, self.backoff = retries, backoff
         self.http = httpx.Client(base_url=self.url, timeout=timeout)
@@ -111,15 +114,11 @@ class Client:
     # ------------------------------------------------------------ model versions
 
     def current(self) -> tuple[int, Path] | None:
-        path = self.root / "bundles" / "current.json"
-        if not path.exists():
-            return None
-        doc = json.loads(path.read_text())
-        return int(doc["version"]), self.root / "bundles" / doc["folder"]
+        return self.state.current_version()
 
     def pull(self, version: int) -> Bundle:
         """Download version ``version`` (files we already hold are copied), verify it, install it."""
-        folder = self.root / "bundles" / f"v{version}"
+        folder = self.state.version_dir(version)
         cur = self.current()
         if cur and cur[0] == version and folder.is_dir():
             return load_bundle(folder, self.server_key)
@@ -161,9 +160,9 @@ class Client:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        write_atomic(self.root / "bundles" / "current.json", json.dumps({"version": version, "folder": folder.name}).encode())
+        self.state.set_current_version(version, folder)
         keep = {folder.name, cur[1].name if cur else ""}
-        for old_folder in (self.root / "bundles").glob("v*"):  # the new version and the one before it stay
+        for old_folder in self.state.bundles_dir.glob("v*"):  # the new version and the one before it stay
             if old_folder.is_dir() and old_folder.name not in keep:
                 shutil.rmtree(old_folder, ignore_errors=True)
         return load_bundle(folder, self.server_key)
@@ -171,7 +170,7 @@ class Client:
     # ------------------------------------------------------------ updates
 
     def queue(self, update_path: Path, round_id: int, base_version: int) -> Path:
-        pending = self.sync_dir / "pending"
+        pending = self.state.pending_dir
         pending.mkdir(parents=True, exist_ok=True)
         side = pending / (Path(update_path).stem + ".json")
         write_atomic(side, json.dumps({"file": str(update_path), "round": round_id, "base_version": base_version}).encode())
@@ -180,9 +179,9 @@ class Client:
     def unsent_update(self, bundle: Bundle) -> Path | None:
         """An outbox update fine-tuned on ``bundle``'s head that was never queued (its run died between
         writing it and queueing it, or `edge-run finetune` made it): sending it costs no new privacy."""
-        known = {p.stem for folder in ("pending", "sent") for p in (self.sync_dir / folder).glob("*.json")}
+        known = {p.stem for folder in (self.state.pending_dir, self.state.sent_dir) for p in folder.glob("*.json")}
         key = bundle_head_key(bundle)
-        for path in sorted((self.root / "outbox").glob("*.npz"), key=lambda p: p.stat().st_mtime, reverse=True):
+        for path in sorted(self.state.outbox(), key=lambda p: p.stat().st_mtime, reverse=True):
             if path.stem in known:
                 continue
             try:
@@ -195,7 +194,7 @@ class Client:
 
     def upload_pending(self) -> list[dict]:
         out = []
-        sides = sorted((self.sync_dir / "pending").glob("*.json"))
+        sides = sorted(self.state.pending_dir.glob("*.json"))
         with progress("upload", len(sides)) as advance:
             for side in sides:
                 out.append(self._upload_side(side))
@@ -206,7 +205,7 @@ class Client:
         """Upload one queued update; the answer is recorded under sent/ before the queue entry goes."""
         doc = json.loads(side.read_text())
         result = self.upload(Path(doc["file"]), side.stem, int(doc["round"]), int(doc["base_version"]))
-        sent = self.sync_dir / "sent"
+        sent = self.state.sent_dir
         sent.mkdir(parents=True, exist_ok=True)
         write_atomic(sent / side.name, json.dumps({**doc, **result}).encode())
         side.unlink()
@@ -231,12 +230,15 @@ def reason(resp: httpx.Response) -> str:
         return resp.text[:300]
 
 
-def enroll(state_root: Path, url: str, token: str, kem: str = DEFAULT_KEM, timeout: float = 30.0) -> dict:
-    """Register a fresh clinic key with the token; pin the server key the token names."""
+def enroll(state: ClinicState | Path, url: str, token: str, kem: str = DEFAULT_KEM, timeout: float = 30.0) -> dict:
+    """Register a fresh clinic key with the token; pin the server key the token names. The enrolled
+    name becomes the clinic's one id (refused before the token is spent when it cannot)."""
     if kem not in KEMS:
         raise BadInput(f"unknown KEM {kem!r}: choose one of {', '.join(KEMS)}")
+    state = as_state(state)
     clinic, _, fpr = protocol.parse_token(token)
-    sync_dir = Path(state_root).expanduser() / "sync"
+    state.check_enrollment(clinic)
+    sync_dir = state.sync_dir
     sync_dir.mkdir(parents=True, exist_ok=True)
     key = generate_key()
     from cryptography.hazmat.primitives import serialization
@@ -259,18 +261,19 @@ def enroll(state_root: Path, url: str, token: str, kem: str = DEFAULT_KEM, timeo
         raise Refused(f"enrollment answer is malformed or its HPKE key is not signed by the server key ({exc!r})") from exc
     if key_id(server_key) != fpr:
         raise Refused("the server's key does not match the fingerprint in the token (wrong server or interception); nothing saved")
-    save_private_key(key, sync_dir / "clinic_ed25519.pem")
-    save_public_key(server_key, sync_dir / "server.pub")
+    save_private_key(key, state.clinic_key_file)
+    save_public_key(server_key, state.server_key_file)
     cfg = SyncConfig(url=url.rstrip("/"), clinic=clinic, server_key_id=fpr, hpke_public=hpke_pub.to_dict(), kem=kem)
-    write_atomic(sync_dir / "server.json", json.dumps(cfg.__dict__, indent=2).encode(), mode=0o600)
+    write_atomic(state.server_config_file, json.dumps(cfg.__dict__, indent=2).encode(), mode=0o600)
+    state.adopt_enrolled_name(clinic)
     return {"clinic": clinic, "server_key_id": fpr, "kem": kem, "state": str(sync_dir)}
 
 
-def contributed(state_root: Path, round_id: int) -> str | None:
+def contributed(state: ClinicState | Path, round_id: int) -> str | None:
     """The update id this clinic already queued or sent for a round, if any."""
-    sync_dir = Path(state_root).expanduser() / "sync"
-    for folder in ("pending", "sent"):
-        for side in (sync_dir / folder).glob("*.json"):
+    state = as_state(state)
+    for folder in (state.pending_dir, state.sent_dir):
+        for side in folder.glob("*.json"):
             try:
                 doc = json.loads(side.read_text())
             except ValueError:
