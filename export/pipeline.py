@@ -8,18 +8,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from .config import VARIANT_NAMES, PipelineConfig
-from .stages import (  # noqa: F401 - PipelineResult, Splits and the constants are this module's API too
-    BUNDLE_DIR,
-    DEFAULT_BUDGETS,
+from .stages import (
     DEFAULT_TOLERANCE,
     MEASURE_CASES,
-    SIGNING_KEY,
     WORK_DIR,
     CaseCache,
     Log,
     PipelineResult,
     QuantizeOptions,
-    Splits,
     bundle_stage,
     check_checkpoint,
     check_out,

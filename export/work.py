@@ -85,7 +85,10 @@ class Work:
         records = {}
         for earlier in STAGES[: STAGES.index(stage)]:
             record = self.read_record(earlier)
-            made_by = Identity(**record["identity"])
+            try:
+                made_by = Identity(**record["identity"])
+            except TypeError as exc:
+                raise BadInput(f"{self.record_path(earlier)}: unreadable stage record ({exc}); run {self._command(earlier)} again") from exc
             if made_by != self.identity:
                 other = ("another version of --config " + made_by.config) if made_by.describe() == self.identity.describe() \
                     else made_by.describe()
@@ -108,10 +111,12 @@ class Work:
 
     def begin(self, stage: str) -> None:
         """Before a stage writes: its old record goes first, so a crash midway leaves no record that
-        vouches for half-replaced outputs; leftovers of crashed runs are swept."""
+        vouches for half-replaced outputs, and so do the later stages' (they describe what this run
+        replaces: the next one asks for them to be run again); leftovers of crashed runs are swept."""
         self.root.mkdir(parents=True, exist_ok=True)
         sweep_temps(self.root)
-        self.record_path(stage).unlink(missing_ok=True)
+        for own_or_later in STAGES[STAGES.index(stage):]:
+            self.record_path(own_or_later).unlink(missing_ok=True)
 
     def commit(self, stage: str, *, options: dict, inputs: Iterable[str], outputs: Iterable[str], facts: dict,
                seconds: float) -> dict:
