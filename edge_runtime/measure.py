@@ -15,38 +15,12 @@ import json
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from . import MODALITIES
 from .errors import BadInput
 from .select import Measured, Selection, choose
-
-
-@dataclass(frozen=True)
-class Request:
-    encoders: dict[str, str]
-    head: str
-    preprocessing: dict
-    classes: list[str]
-    dim: int
-    synthetic_seed: int
-    n_sites: int
-    cases: int = 40
-    threads: int = 2
-
-
-def measure(request: Request, timeout_s: float = 900) -> dict:
-    """Run the worker in a fresh interpreter; a clear error when it fails."""
-    # Absolute paths: the worker runs from the package's folder (importable in a source tree too).
-    request = replace(request, encoders={m: str(Path(p).resolve()) for m, p in request.encoders.items()},
-                      head=str(Path(request.head).resolve()))
-    proc = subprocess.run([sys.executable, "-m", "edge_runtime.measure"], input=json.dumps(asdict(request)),
-                          capture_output=True, text=True, timeout=timeout_s, cwd=Path(__file__).resolve().parents[1])
-    if proc.returncode != 0:
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise BadInput(f"measuring {request.encoders.get('ct', '?')} failed: {tail}")
-    return json.loads(proc.stdout)
 
 
 @dataclass(frozen=True)
@@ -63,8 +37,8 @@ class MeasureSpec:
     cases: int = 40
     threads: int = 2
 
-    def request(self, encoders: dict[str, str]) -> Request:
-        return Request(encoders=encoders, **asdict(self))
+    def request(self, encoders: dict[str, str]) -> "Request":
+        return Request(**asdict(self), encoders=encoders)
 
     @classmethod
     def of_bundle(cls, bundle, *, cases: int, threads: int) -> "MeasureSpec":
@@ -72,6 +46,26 @@ class MeasureSpec:
         return cls(str(bundle.path(manifest["head"]["file"])), manifest["preprocessing"], list(bundle.classes),
                    int(manifest["embedding_dim"]), int(manifest["synthetic"]["seed"]), int(manifest["synthetic"]["n_sites"]),
                    cases, threads)
+
+
+@dataclass(frozen=True)
+class Request(MeasureSpec):
+    """One variant to measure: the shared spec and its encoder files (modality -> ONNX file)."""
+
+    encoders: dict[str, str] = field(default_factory=dict)
+
+
+def measure(request: Request, timeout_s: float = 900) -> dict:
+    """Run the worker in a fresh interpreter; a clear error when it fails."""
+    # Absolute paths: the worker runs from the package's folder (importable in a source tree too).
+    request = replace(request, encoders={m: str(Path(p).resolve()) for m, p in request.encoders.items()},
+                      head=str(Path(request.head).resolve()))
+    proc = subprocess.run([sys.executable, "-m", "edge_runtime.measure"], input=json.dumps(asdict(request)),
+                          capture_output=True, text=True, timeout=timeout_s, cwd=Path(__file__).resolve().parents[1])
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise BadInput(f"measuring {request.encoders.get('ct', '?')} failed: {tail}")
+    return json.loads(proc.stdout)
 
 
 @dataclass(frozen=True)

@@ -278,7 +278,7 @@ def train_teacher(out: Path | None, sites: int, rounds: int, strategy: str, conf
     With --work instead of --out: the pipeline's first stage, the same federation (DW-FL over the
     cohort's sites, as the config says) writing the same federated.pt, into WORK/teacher."""
     if (out is None) == (work is None):
-        raise BadInput("train-teacher needs either --out (the simulation) or --work (the pipeline's teacher stage), not both")
+        raise BadInput("train-teacher takes either --out (the simulation) or --work (the pipeline's teacher stage), one of them")
     if work is not None:
         _teacher_stage(work, config_name, seed, threads, device, init_checkpoint, as_json)
         return

@@ -448,7 +448,6 @@ def bundle_stage(work: Work, cfg: PipelineConfig, *, out: Path, signing_key: Pat
                             [{k: v[k] for k in REPORTED} for v in variants], selection)
     write_atomic(out / "report.json", json.dumps(result.to_dict(), indent=2).encode())
     plot_candidates(result, out / "report.png")
-    log(f"bundle: {bundle_dir} signed by {public_key}")
     work.commit("bundle", options={"out": str(out), "model_version": model_version,
                                    "signing_key": str(signing_key or out / SIGNING_KEY)},
                 inputs=list(hashes), outputs=[], facts={"bundle": str(bundle_dir), "ok": result.ok},

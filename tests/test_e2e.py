@@ -307,6 +307,6 @@ def test_measure_accepts_paths_relative_to_the_callers_folder(micro_out, monkeyp
     monkeypatch.chdir(micro_out.parent)
     rel = Path(micro_out.name) / "bundle"
     fp32 = {v["name"]: v for v in manifest["variants"]}["fp32"]["encoders"]
-    figures = measure(Request({m: str(rel / fp32[m]) for m in MODALITIES}, str(rel / "head.onnx"), manifest["preprocessing"],
-                              manifest["classes"], int(manifest["embedding_dim"]), 3, 4, cases=3))
+    figures = measure(Request(str(rel / "head.onnx"), manifest["preprocessing"], manifest["classes"], int(manifest["embedding_dim"]),
+                              3, 4, cases=3, encoders={m: str(rel / fp32[m]) for m in MODALITIES}))
     assert figures["cases"] == 3 and figures["peak_rss_mb"] > 10

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .conftest import edge_run
+from .conftest import BLOCK_TORCH, edge_run
 
 ROOT = Path(__file__).resolve().parents[1]
 OUR_PACKAGES = ("edge_runtime", "export", "quantize", "federation", "server")
@@ -102,15 +102,10 @@ def test_import_walk_sees_every_way_of_importing(tmp_path):
         <= set(_imports(tmp_path / "r.py", "edge_runtime.finetune.r"))
 
 
-# Imports every clinic module with torch made unimportable (as conftest.NO_TORCH does for the CLIs)
+# Imports every clinic module with torch made unimportable (conftest.BLOCK_TORCH, as for the CLIs)
 # and reports whether anything, ours or a dependency's, loaded torch anyway.
-IMPORT_ALL = """
-import importlib, importlib.abc, json, sys
-class NoTorch(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name == 'torch' or name.startswith('torch.'):
-            raise ModuleNotFoundError(f'No module named {name!r}', name=name)
-sys.meta_path.insert(0, NoTorch())
+IMPORT_ALL = BLOCK_TORCH + """
+import importlib, json
 failed = {}
 for name in json.loads(sys.argv[1]):
     try:
