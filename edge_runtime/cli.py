@@ -220,25 +220,17 @@ def _plot_latency(result, variant: str, path: Path) -> Path:
 
 def _select(loaded: Bundle, state_dir: Path, threads: int, cases: int, mem_mb: float, lat_ms: float, as_json: bool) -> None:
     """Re-measure every variant on this PC and pin the choice (exit 1 when none meets every limit)."""
-    manifest = loaded.manifest
-    sel = manifest.get("selection") or {}
-    variants = {v["name"]: v for v in manifest["variants"]}
-    reference = float(sel.get("reference_val_auc", variants.get("fp32", {}).get("val_auc", 0.0)))
-    tolerance = float(sel.get("tolerance", 0.005))
-    measured, figures = [], {}
-    for name, v in variants.items():
-        files = {m: str(loaded.path(v["encoders"][m])) for m in MODALITIES}
-        request = Request(files, str(loaded.path(manifest["head"]["file"])), manifest["preprocessing"], loaded.classes,
-                          int(manifest["embedding_dim"]), int(manifest["synthetic"]["seed"]), int(manifest["synthetic"]["n_sites"]),
-                          cases=cases, threads=threads)
-        fig = measure(request)
-        figures[name] = fig
-        auc = float(v.get("val_auc", reference))
-        measured.append(Measured(name, auc, fig["latency_ms"]["p95"], fig["model_ms"]["p95"], fig["peak_rss_mb"]))
+    from .measure import MeasureSpec, bundle_candidates, measure_variants
+
+    def show(c, fig: dict) -> None:
         if not as_json:
-            click.echo(f"{name:<30} model p95 {fig['model_ms']['p95']:6.1f} ms  case p95 {fig['latency_ms']['p95']:6.1f} ms"
-                       f"  peak RSS {fig['peak_rss_mb']:6.1f} MB  val AUC {auc:.4f}")
-    selection = choose(measured, reference, tolerance, mem_mb, lat_ms)
+            click.echo(f"{c.name:<30} model p95 {fig['model_ms']['p95']:6.1f} ms  case p95 {fig['latency_ms']['p95']:6.1f} ms"
+                       f"  peak RSS {fig['peak_rss_mb']:6.1f} MB  val AUC {c.val_auc:.4f}")
+
+    candidates, reference, tolerance = bundle_candidates(loaded)
+    result = measure_variants(MeasureSpec.of_bundle(loaded, cases=cases, threads=threads), candidates, reference_auc=reference,
+                              tolerance=tolerance, mem_budget_mb=mem_mb, latency_budget_ms=lat_ms, on_measured=show)
+    selection, figures = result.selection, result.figures
     pin = write_pin(state_dir, loaded, selection.chosen, figures[selection.chosen])
     if as_json:
         click.echo(json.dumps({"chosen": selection.chosen, "ok": selection.ok, "reasons": selection.reasons,

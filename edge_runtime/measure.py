@@ -1,6 +1,10 @@
 """Measure one model (encoder files + head) in a fresh Python process: p50/p95 latency of whole
 cases and of the model alone, per stage, and the process's peak RSS with its imports. A fresh
-process per candidate, so one candidate's arenas never count against another.
+process per variant, so one variant's arenas never count against another.
+
+`measure_variants` measures every encoder variant of one model this way, on the very cases
+`edge-run profile` times, and chooses with `select.choose`: the export (`export.candidates.search`)
+and `edge-run profile --select` both call it.
 
 Run as ``python -m edge_runtime.measure`` with a JSON request on stdin; prints one JSON object.
 """
@@ -10,17 +14,20 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from . import MODALITIES
 from .errors import BadInput
-
-FULL_CASE = ("ct", "pathology", "genomics")
+from .select import Measured, Selection, choose
 
 
 @dataclass(frozen=True)
-class Request:
-    encoders: dict[str, str]
+class MeasureSpec:
+    """What every variant of one model shares when measured: the head, the preprocessing, classes and
+    embedding size, the synthetic cohort the profile cases come from, how many cases, threads."""
+
     head: str
     preprocessing: dict
     classes: list[str]
@@ -29,8 +36,23 @@ class Request:
     n_sites: int
     cases: int = 40
     threads: int = 2
-    first_case: int = 2_000_000  # disjoint from training, validation and test indices
-    full_cases_only: bool = True  # three-modality cases: the slowest, what the budgets are about
+
+    def request(self, encoders: dict[str, str]) -> "Request":
+        return Request(**asdict(self), encoders=encoders)
+
+    @classmethod
+    def of_bundle(cls, bundle, *, cases: int, threads: int) -> "MeasureSpec":
+        manifest = bundle.manifest
+        return cls(str(bundle.path(manifest["head"]["file"])), manifest["preprocessing"], list(bundle.classes),
+                   int(manifest["embedding_dim"]), int(manifest["synthetic"]["seed"]), int(manifest["synthetic"]["n_sites"]),
+                   cases, threads)
+
+
+@dataclass(frozen=True)
+class Request(MeasureSpec):
+    """One variant to measure: the shared spec and its encoder files (modality -> ONNX file)."""
+
+    encoders: dict[str, str] = field(default_factory=dict)
 
 
 def measure(request: Request, timeout_s: float = 900) -> dict:
@@ -46,35 +68,65 @@ def measure(request: Request, timeout_s: float = 900) -> dict:
     return json.loads(proc.stdout)
 
 
-def _cases(request: Request, spec, count: int):
-    from .synthetic import SynthConfig, SyntheticCohort
+@dataclass(frozen=True)
+class Candidate:
+    name: str
+    encoders: dict[str, str]  # modality -> ONNX file
+    val_auc: float
 
-    cohort = SyntheticCohort(SynthConfig(seed=request.synthetic_seed, n_sites=request.n_sites, spec=spec))
-    index, yielded = request.first_case, 0
-    while yielded < count:
-        case = cohort.case(index)
-        index += 1
-        if request.full_cases_only and case.modalities != FULL_CASE:
-            continue
-        yielded += 1
-        yield case
+
+@dataclass
+class VariantMeasurements:
+    figures: dict[str, dict]  # variant -> what the worker measured
+    selection: Selection
+
+
+def bundle_candidates(bundle) -> tuple[list[Candidate], float, float]:
+    """A verified bundle's variants as candidates, with the reference AUC and tolerance the export chose by."""
+    manifest = bundle.manifest
+    sel = manifest.get("selection") or {}
+    variants = {v["name"]: v for v in manifest["variants"]}
+    reference = float(sel.get("reference_val_auc", variants.get("fp32", {}).get("val_auc", 0.0)))
+    candidates = [Candidate(name, {m: str(bundle.path(v["encoders"][m])) for m in MODALITIES}, float(v.get("val_auc", reference)))
+                  for name, v in variants.items()]
+    return candidates, reference, float(sel.get("tolerance", 0.005))
+
+
+def measure_variants(
+    spec: MeasureSpec, candidates: list[Candidate], *, reference_auc: float, tolerance: float, mem_budget_mb: float,
+    latency_budget_ms: float, on_measured: Callable[[Candidate, dict], None] | None = None,
+) -> VariantMeasurements:
+    """Measure each candidate in a fresh process, then choose the fastest that meets accuracy
+    (validation AUC within ``tolerance`` of ``reference_auc``) and both budgets."""
+    if not candidates:
+        raise BadInput("no encoder variant to measure")
+    figures: dict[str, dict] = {}
+    for c in candidates:
+        figures[c.name] = measure(spec.request(c.encoders))
+        if on_measured is not None:
+            on_measured(c, figures[c.name])
+    table = [Measured(c.name, c.val_auc, figures[c.name]["latency_ms"]["p95"], figures[c.name]["model_ms"]["p95"],
+                      figures[c.name]["peak_rss_mb"]) for c in candidates]
+    return VariantMeasurements(figures, choose(table, reference_auc, tolerance, mem_budget_mb, latency_budget_ms))
 
 
 def _worker() -> None:
     from .model import EdgeModel
     from .preprocess import Preprocessing
-    from .profiling import WARMUP_CASES, profile
-    from .synthetic import InputSpec
+    from .profiling import profile, profile_cases
+    from .synthetic import InputSpec, SynthConfig, SyntheticCohort
 
     request = Request(**json.loads(sys.stdin.read()))
     pre = Preprocessing.from_dict(request.preprocessing)
     model = EdgeModel({m: Path(p) for m, p in request.encoders.items()}, Path(request.head), pre, request.classes,
                       request.dim, request.threads)
     spec = InputSpec(ct_grid=pre.ct.grid, tile=pre.pathology.tile, n_genes=len(pre.genomics.genes))
-    result = profile(model, _cases(request, spec, request.cases + WARMUP_CASES), float("inf"), float("inf"))
+    # The cohort `edge-run profile` builds from the bundle (`synthetic_cohort`): the same cases, the same mix.
+    cohort = SyntheticCohort(SynthConfig(seed=request.synthetic_seed, n_sites=request.n_sites, spec=spec))
+    result = profile(model, profile_cases(cohort, request.cases), float("inf"), float("inf"))
     doc = result.to_dict()
-    print(json.dumps({"cases": doc["cases"], "latency_ms": doc["latency_ms"], "model_ms": doc["model_ms"],
-                      "stages_ms": doc["stages_ms"], "peak_rss_mb": doc["peak_rss_mb"], "threads": request.threads}))
+    print(json.dumps({k: doc[k] for k in ("cases", "latency_ms", "latency_ms_by_modalities", "model_ms", "stages_ms", "peak_rss_mb")}
+                     | {"threads": request.threads}))
 
 
 if __name__ == "__main__":

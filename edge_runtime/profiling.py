@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .model import EdgeModel
-from .synthetic import Case
+from .synthetic import Case, SyntheticCohort
 
 WARMUP_CASES = 2  # the first runs of a session allocate its arenas: run, not counted
+PROFILE_FIRST_CASE = 2_000_000  # synthetic profile cases, disjoint from training, validation and test indices
 
 
 def peak_rss_mb() -> float:
@@ -75,6 +76,12 @@ class ProfileResult:
             "pass": self.passed,
             "pid": os.getpid(),
         }
+
+
+def profile_cases(cohort: SyntheticCohort, count: int) -> Iterator[Case]:
+    """The cases `edge-run profile` times (``count`` of them after the warm-up ones), every modality
+    mix as the cohort has it; `profile --select` and the export measure each variant on these too."""
+    return cohort.iter_cases(PROFILE_FIRST_CASE, count + WARMUP_CASES)
 
 
 def profile(model: EdgeModel, cases: Iterable[Case], mem_budget_mb: float, latency_budget_ms: float) -> ProfileResult:

@@ -18,12 +18,13 @@ import numpy as np
 import onnxruntime as ort
 
 from edge_runtime import MODALITIES
-from edge_runtime.measure import Request, measure
+from edge_runtime.errors import BadInput
+from edge_runtime.measure import Candidate, MeasureSpec, measure_variants
 from edge_runtime.metrics import roc_auc
 from edge_runtime.model import session_options
 from edge_runtime.preprocess import Preprocessing, prepare_case
 from edge_runtime.progress import progress
-from edge_runtime.select import Measured, Selection, choose
+from edge_runtime.select import Selection
 from edge_runtime.synthetic import SyntheticCohort
 from quantize.calibration import StreamingReader
 from quantize.fallback import accuracy_fallback
@@ -31,6 +32,7 @@ from quantize.graph import conv3d_nodes, quantizable_nodes
 from quantize.sensitivity import rank_nodes
 from quantize.static import quantize_int8
 
+from .config import VARIANT_NAMES
 from .data import PreparedCases
 
 HISTOGRAM_CALIB_CASES = 16  # Entropy / Percentile hold every calibration case's activations
@@ -198,6 +200,14 @@ def default_variants(fp32: dict[str, Path]) -> list[Variant]:
     ]
 
 
+def check_variant_names(names: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """The candidate set to build, in the canonical order; FP32 always (it is the accuracy reference)."""
+    unknown = [n for n in names if n not in VARIANT_NAMES]
+    if unknown:
+        raise BadInput(f"unknown variant {unknown[0]!r}: choose from {', '.join(VARIANT_NAMES)}")
+    return tuple(n for n in VARIANT_NAMES if n == "fp32" or n in names)
+
+
 @dataclass
 class SearchResult:
     variants: list[Variant]
@@ -206,11 +216,11 @@ class SearchResult:
     tolerance: float
 
 
-def search(builder: Builder, request: Callable[[Variant], Request], tolerance: float, budgets: dict[str, float],
-           log: Log) -> SearchResult:
-    """Build and score every candidate, fall back where accuracy suffers, measure each in a fresh
-    process, choose."""
-    variants = default_variants(builder.fp32)
+def search(builder: Builder, spec: MeasureSpec, *, tolerance: float, budgets: dict[str, float], log: Log,
+           names: tuple[str, ...] = VARIANT_NAMES) -> SearchResult:
+    """Build and score the candidates ``names`` (FP32 first), fall back where accuracy suffers,
+    measure each in a fresh process and choose (``measure_variants``, as `profile --select` does)."""
+    variants = [v for v in default_variants(builder.fp32) if v.name in check_variant_names(names)]
     with progress("building and scoring candidates", len(variants)) as advance:
         for v in variants:
             builder.build(v)
@@ -219,16 +229,15 @@ def search(builder: Builder, request: Callable[[Variant], Request], tolerance: f
     for v in variants[1:]:
         if reference - v.val_auc > tolerance:
             builder.with_fallback(v, reference, tolerance, log)
-    with progress("measuring candidates (fresh process each)", len(variants)) as advance:
-        for v in variants:
-            v.parity_bound = builder.parity_bound(v)
-            v.measured = measure(request(v))
-            advance(1)
     for v in variants:
+        v.parity_bound = builder.parity_bound(v)
+    with progress("measuring candidates (fresh process each)", len(variants)) as advance:
+        result = measure_variants(spec, [Candidate(v.name, {m: str(p) for m, p in v.encoders.items()}, v.val_auc) for v in variants],
+                                  reference_auc=reference, tolerance=tolerance, mem_budget_mb=budgets["mem_mb"],
+                                  latency_budget_ms=budgets["latency_ms"], on_measured=lambda _c, _f: advance(1))
+    for v in variants:
+        v.measured = result.figures[v.name]
         log(f"candidate {v.name:<30} val AUC {v.val_auc:.4f}  model p95 {v.measured['model_ms']['p95']:6.1f} ms"
             f"  case p95 {v.measured['latency_ms']['p95']:6.1f} ms  peak RSS {v.measured['peak_rss_mb']:6.1f} MB")
-    table = [Measured(v.name, v.val_auc, v.measured["latency_ms"]["p95"], v.measured["model_ms"]["p95"],
-                      v.measured["peak_rss_mb"]) for v in variants]
-    selection = choose(table, reference, tolerance, budgets["mem_mb"], budgets["latency_ms"])
-    log(selection.message())
-    return SearchResult(variants, selection, reference, tolerance)
+    log(result.selection.message())
+    return SearchResult(variants, result.selection, reference, tolerance)

@@ -11,7 +11,7 @@ import click
 from edge_runtime.cliutil import handle_errors
 from edge_runtime.errors import BadInput
 
-from .config import CONFIGS, TEST_START, get_config
+from .config import CONFIGS, TEST_START, VARIANT_NAMES, get_config
 
 
 def check_device(name: str) -> str:
@@ -33,41 +33,76 @@ def main() -> None:
     """dwfl-edge export pipeline: train, distill, export to ONNX, quantize, sign bundles."""
 
 
-@main.command()
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder (bundle/, bundle.pub, report.json).")
-@click.option("--config", "config_name", default="tiny", show_default=True, type=click.Choice(sorted(CONFIGS)), help="Model/training size.")
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Seed of data, init and training.")
-@click.option("--signing-key", type=click.Path(path_type=Path), default=None,
-              help="Ed25519 private key (PEM). Without it a new key is made and saved as OUT/signing_key.pem (0600).")
-@click.option("--model-version", default="1", show_default=True, help="Version string written into the bundle.")
-@click.option("--threads", default=2, show_default=True, type=click.IntRange(1, 256), help="torch threads.")
-@click.option("--device", default="cpu", show_default=True, help="torch device for training (cpu, cuda, cuda:1).")
-@click.option("--init-checkpoint", type=click.Path(path_type=Path), default=None,
-              help="Local pretrained teacher weights (matching tensors are loaded; nothing is downloaded).")
-@click.option("--mem-budget", default="1.8GB", show_default=True, help="Whole-process peak RSS budget of the clinic.")
-@click.option("--latency-budget", default="200ms", show_default=True, help="p95 latency budget per full case.")
-@click.option("--tolerance", default=0.005, show_default=True, type=click.FloatRange(0.0, 1.0),
-              help="AUC drop allowed against the FP32 student.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@handle_errors
-def pipeline(out: Path, config_name: str, seed: int, signing_key: Path | None, model_version: str, threads: int,
-             device: str, init_checkpoint: Path | None, mem_budget: str, latency_budget: str, tolerance: float,
-             as_json: bool) -> None:
-    """Synthetic cohort -> federated teacher -> distilled student -> ONNX -> INT8 candidates, measured
-    here with --threads -> signed bundle. Exit 1 when no candidate meets accuracy and both budgets
-    (the best one is still written, and the report says which limit failed)."""
-    import torch  # late: `--help` stays fast
+def _identity_options(fn):
+    fn = click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Seed of data, init and training.")(fn)
+    return click.option("--config", "config_name", default="tiny", show_default=True, type=click.Choice(sorted(CONFIGS)),
+                        help="Model/training size.")(fn)
 
+
+def _work_option(fn):
+    return click.option("--work", required=True, type=click.Path(path_type=Path),
+                        help="Work folder of the pipeline's stages (OUT/work for `pipeline --out OUT`).")(fn)
+
+
+def _device_options(fn):
+    fn = click.option("--device", default="cpu", show_default=True, help="torch device for training (cpu, cuda, cuda:1).")(fn)
+    return click.option("--threads", default=2, show_default=True, type=click.IntRange(1, 256), help="torch threads.")(fn)
+
+
+def _recipe_options(fn):
+    """The quantization recipe: what `quantize` takes, and `pipeline` passes on to it."""
+    fn = click.option("--variants", default=None,
+                      help="Comma-separated candidates to build and measure (fp32 is always among them) [default: all: "
+                           + ", ".join(VARIANT_NAMES) + "].")(fn)
+    fn = click.option("--tolerance", default=0.005, show_default=True, type=click.FloatRange(0.0, 1.0),
+                      help="AUC drop allowed against the FP32 student.")(fn)
+    fn = click.option("--latency-budget", default="200ms", show_default=True, help="p95 latency budget per case.")(fn)
+    return click.option("--mem-budget", default="1.8GB", show_default=True, help="Whole-process peak RSS budget of the clinic.")(fn)
+
+
+def _bundle_options(fn):
+    fn = click.option("--model-version", default="1", show_default=True, help="Version string written into the bundle.")(fn)
+    return click.option("--signing-key", type=click.Path(path_type=Path), default=None,
+                        help="Ed25519 private key (PEM). Without it OUT/signing_key.pem is used when an earlier run made it, "
+                             "else a new key is made and saved there (0600).")(fn)
+
+
+def _json_option(fn):
+    return click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (logs go to stderr).")(fn)
+
+
+def _recipe(mem_budget: str, latency_budget: str, tolerance: float, variants: str | None, threads: int):
     from edge_runtime.units import parse_duration_ms, parse_size_mb
 
-    from .pipeline import run_pipeline
+    from .stages import QuantizeOptions
+
+    names = tuple(n.strip() for n in variants.split(",") if n.strip()) if variants is not None else VARIANT_NAMES
+    budgets = {"mem_mb": parse_size_mb(mem_budget), "latency_ms": parse_duration_ms(latency_budget)}
+    return QuantizeOptions(tolerance, budgets, threads, names).checked()
+
+
+def _log(as_json: bool):
+    return (lambda msg: click.echo(msg, err=True)) if as_json else click.echo
+
+
+def _work(work: Path, config_name: str, seed: int):
+    from .work import Identity, Work
+
+    cfg = get_config(config_name)
+    return Work(work, Identity.of(cfg, seed)), cfg
+
+
+def _stage_done(record: dict, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(record, indent=2))
+    else:
+        click.echo(f"{record['command']}: done in {record['seconds']:.1f} s; {len(record['outputs'])} file(s) recorded")
+
+
+def _report(result, out: Path, as_json: bool) -> None:
+    """What `pipeline` and `bundle` print; exit 1 when no candidate met every limit (the best was written)."""
     from .report import table_lines
 
-    budgets = {"mem_mb": parse_size_mb(mem_budget), "latency_ms": parse_duration_ms(latency_budget)}
-    torch.set_num_threads(threads)
-    log = (lambda msg: click.echo(msg, err=True)) if as_json else click.echo
-    result = run_pipeline(out, get_config(config_name), seed, signing_key, model_version, log, check_device(device),
-                          init_checkpoint, budgets, tolerance, threads)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
     else:
@@ -87,8 +122,126 @@ def pipeline(out: Path, config_name: str, seed: int, signing_key: Path | None, m
     click.echo(result.selection["message"], err=as_json)
 
 
+@main.command()
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Output folder (bundle/, bundle.pub, report.json; the stages' work folder OUT/work).")
+@_identity_options
+@_bundle_options
+@_device_options
+@click.option("--init-checkpoint", type=click.Path(path_type=Path), default=None,
+              help="Local pretrained teacher weights (matching tensors are loaded; nothing is downloaded).")
+@_recipe_options
+@_json_option
+@handle_errors
+def pipeline(out: Path, config_name: str, seed: int, signing_key: Path | None, model_version: str, threads: int,
+             device: str, init_checkpoint: Path | None, mem_budget: str, latency_budget: str, tolerance: float,
+             variants: str | None, as_json: bool) -> None:
+    """Every stage in order: train-teacher (federated) -> distill -> export (ONNX) -> quantize (INT8
+    candidates, measured here with --threads) -> bundle (signed), over OUT/work. Exit 1 when no
+    candidate meets accuracy and both budgets (the best one is still written, and the report says
+    which limit failed). Rerun `quantize --work OUT/work` and `bundle` to change the recipe without training."""
+    import torch  # late: `--help` stays fast
+
+    from .pipeline import run_pipeline
+
+    recipe = _recipe(mem_budget, latency_budget, tolerance, variants, threads)
+    torch.set_num_threads(threads)
+    result = run_pipeline(out, get_config(config_name), seed=seed, signing_key=signing_key, model_version=model_version,
+                          log=_log(as_json), device=check_device(device), init_checkpoint=init_checkpoint, budgets=recipe.budgets,
+                          tolerance=recipe.tolerance, threads=threads, variants=recipe.variants)
+    _report(result, out, as_json)
+
+
+@main.command()
+@_work_option
+@_identity_options
+@_device_options
+@_json_option
+@handle_errors
+def distill(work: Path, config_name: str, seed: int, threads: int, device: str, as_json: bool) -> None:
+    """Distill the student from WORK/teacher (made by `train-teacher --work`) into WORK/student.pt."""
+    import torch
+
+    from .stages import distill_stage
+
+    w, cfg = _work(work, config_name, seed)
+    w.require("distill")  # before torch's threads and device: a wrong folder costs nothing
+    device = check_device(device)
+    torch.set_num_threads(threads)
+    _stage_done(distill_stage(w, cfg, device=device, log=_log(as_json)), as_json)
+
+
+@main.command("export")
+@_work_option
+@_identity_options
+@_json_option
+@handle_errors
+def export_cmd(work: Path, config_name: str, seed: int, as_json: bool) -> None:
+    """WORK/student.pt -> ONNX encoders and head in WORK/onnx (parity with torch checked), head.npz."""
+    from .stages import export_stage
+
+    w, cfg = _work(work, config_name, seed)
+    _stage_done(export_stage(w, cfg, log=_log(as_json)), as_json)
+
+
+@main.command()
+@_work_option
+@_identity_options
+@_recipe_options
+@click.option("--threads", default=2, show_default=True, type=click.IntRange(1, 256),
+              help="ONNX Runtime threads the candidates are measured with.")
+@_json_option
+@handle_errors
+def quantize(work: Path, config_name: str, seed: int, mem_budget: str, latency_budget: str, tolerance: float,
+             variants: str | None, threads: int, as_json: bool) -> None:
+    """Build the INT8 candidates from WORK/onnx, score them on validation cases, measure each in a
+    fresh process here, choose (WORK/quantize, quantize.json). No training: rerun it with another
+    recipe, then `bundle`. Exit 1 when no candidate meets every limit (`bundle` still writes the best)."""
+    from .report import table_lines
+    from .stages import quantize_stage
+
+    recipe = _recipe(mem_budget, latency_budget, tolerance, variants, threads)
+    w, cfg = _work(work, config_name, seed)
+    record = quantize_stage(w, cfg, recipe, log=_log(as_json))
+    selection = record["facts"]["selection"]
+    if as_json:
+        click.echo(json.dumps(record, indent=2))
+    else:
+        for line in table_lines(record["facts"]["variants"], selection["chosen"]):
+            click.echo(line)
+    if not selection["ok"]:
+        click.echo(f"error: {work}: {selection['message']}", err=True)
+        sys.exit(1)
+    click.echo(selection["message"], err=as_json)
+
+
+@main.command()
+@_work_option
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Where bundle/, bundle.pub, report.json go [default: the folder holding --work, OUT for OUT/work].")
+@_identity_options
+@_bundle_options
+@_json_option
+@handle_errors
+def bundle(work: Path, out: Path | None, config_name: str, seed: int, signing_key: Path | None, model_version: str,
+           as_json: bool) -> None:
+    """Sign the bundle from the work folder: every candidate `quantize` kept, its choice as default;
+    the report and checkpoints.pt. Exit 1 when that choice fails a limit (the best is still written)."""
+    from .stages import bundle_stage
+
+    w, cfg = _work(work, config_name, seed)
+    out = out if out is not None else Path(work).resolve().parent
+    result = bundle_stage(w, cfg, out=out, signing_key=signing_key, model_version=model_version, log=_log(as_json))
+    _report(result, out, as_json)
+
+
 @main.command("train-teacher")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for federated.pt and rounds.jsonl.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Simulation: folder for federated.pt and rounds.jsonl (the options below shape it).")
+@click.option("--work", type=click.Path(path_type=Path), default=None,
+              help="Pipeline stage instead: the teacher of --config and --seed, as `pipeline` trains it, into WORK/teacher "
+                   "(federated.pt, rounds.jsonl) for `distill`; takes --config, --seed, --threads, --device, --init-checkpoint.")
+@click.option("--json", "as_json", is_flag=True, help="With --work: print the stage's record as JSON.")
 @click.option("--sites", default=4, show_default=True, type=click.IntRange(1, 64), help="Simulated sites (non-IID).")
 @click.option("--rounds", default=5, show_default=True, type=click.IntRange(1, 10_000), help="Federated rounds.")
 @click.option("--strategy", default="dwfl", show_default=True,
@@ -116,12 +269,19 @@ def pipeline(out: Path, config_name: str, seed: int, signing_key: Path | None, m
 @click.option("--init-checkpoint", type=click.Path(path_type=Path), default=None,
               help="Local pretrained teacher weights (transfer learning; nothing is downloaded).")
 @handle_errors
-def train_teacher(out: Path, sites: int, rounds: int, strategy: str, config_name: str, cases_per_site: int,
+def train_teacher(out: Path | None, sites: int, rounds: int, strategy: str, config_name: str, cases_per_site: int,
                   val_per_site: int, test_per_site: int, local_epochs: int, beta: float, temperature: float, dynamic: str,
                   label_alpha: float | None, local_norm: bool, aux_weight: float | None, seed: int, resume: bool,
-                  threads: int, device: str, init_checkpoint: Path | None) -> None:
+                  threads: int, device: str, init_checkpoint: Path | None, work: Path | None, as_json: bool) -> None:
     """Federated teacher training, simulated: each site streams only its own cases; per round the
-    per-site validation AUC and aggregation weights are logged (OUT/rounds.jsonl) and checkpointed."""
+    per-site validation AUC and aggregation weights are logged (OUT/rounds.jsonl) and checkpointed.
+    With --work instead of --out: the pipeline's first stage, the same federation (DW-FL over the
+    cohort's sites, as the config says) writing the same federated.pt, into WORK/teacher."""
+    if (out is None) == (work is None):
+        raise BadInput("train-teacher takes either --out (the simulation) or --work (the pipeline's teacher stage), one of them")
+    if work is not None:
+        _teacher_stage(work, config_name, seed, threads, device, init_checkpoint, as_json)
+        return
     import torch
 
     from .federated import BASELINES, FederationSpec, run_baseline, run_federation
@@ -143,6 +303,28 @@ def train_teacher(out: Path, sites: int, rounds: int, strategy: str, config_name
         result = run_federation(out, cfg, spec, seed, resume, click.echo)
     if result["test_auc"]:
         click.echo("test AUC " + json.dumps(result["test_auc"]))
+
+
+# train-teacher options that shape the simulation only; with --work the config decides them.
+SIMULATION_ONLY = ("sites", "rounds", "strategy", "cases_per_site", "val_per_site", "test_per_site", "local_epochs", "beta",
+                   "temperature", "dynamic", "label_alpha", "local_norm", "aux_weight", "resume")
+
+
+def _teacher_stage(work: Path, config_name: str, seed: int, threads: int, device: str, init_checkpoint: Path | None,
+                   as_json: bool) -> None:
+    import torch
+
+    from .stages import train_teacher_stage
+
+    ctx = click.get_current_context()
+    given = [n for n in SIMULATION_ONLY if ctx.get_parameter_source(n) is not click.core.ParameterSource.DEFAULT]
+    if given:
+        flag = "--" + given[0].replace("_", "-")
+        raise BadInput(f"train-teacher --work: {flag} shapes the simulation (--out) only; the pipeline's teacher follows --config")
+    w, cfg = _work(work, config_name, seed)
+    device = check_device(device)
+    torch.set_num_threads(threads)
+    _stage_done(train_teacher_stage(w, cfg, device=device, init_checkpoint=init_checkpoint, log=_log(as_json)), as_json)
 
 
 @main.command()

@@ -9,6 +9,8 @@ from edge_runtime.synthetic import InputSpec
 
 # First synthetic case index of the validation and test splits (training starts at 0).
 VAL_START, TEST_START = 500_000, 1_000_000
+# The encoder candidates the export builds (export.candidates.default_variants), FP32 first: the reference.
+VARIANT_NAMES = ("fp32", "int8", "int8_ct_stem_fp32", "int8_ct_3d_fp32", "int8_ct_stem_fp32_entropy", "int8_ct_stem_fp32_percentile")
 
 
 @dataclass(frozen=True)

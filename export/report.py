@@ -39,7 +39,7 @@ def plot_candidates(result, path: Path, log: Callable[[str], None] | None = None
     ax.axvline(sel["budgets"]["latency_ms"], color="red", ls="--", label=f"latency budget {sel['budgets']['latency_ms']:g} ms")
     ax.axhline(sel["reference_val_auc"] - sel["tolerance"], color="grey", ls=":", label=f"FP32 AUC - {sel['tolerance']:g}")
     ax.set_xscale("log")
-    ax.set_xlabel("p95 latency per full case, ms (log; fresh process, %d threads)" % sel["threads"])
+    ax.set_xlabel("p95 latency per case, ms (log; `edge-run profile` cases, fresh process, %d threads)" % sel["threads"])
     ax.set_ylabel("validation AUC")
     ax.set_title(f"candidates on {sel['measured_on']['cpu'][:40]} ({sel['cpu_class']}); * = chosen")
     ax.legend(fontsize=7, loc="lower right")

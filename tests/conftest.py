@@ -11,15 +11,15 @@ import pytest
 # Runs a CLI with torch made unimportable, the way a clinic without it sees it (ModuleNotFoundError):
 # proves the clinic path never needs it. (sys.modules['torch'] = None would break scipy, which
 # dp-accounting imports: scipy probes sys.modules['torch'] and reads .Tensor from it.)
-NO_TORCH = (
+BLOCK_TORCH = (
     "import sys, importlib.abc\n"
     "class NoTorch(importlib.abc.MetaPathFinder):\n"
     "    def find_spec(self, name, path, target=None):\n"
     "        if name == 'torch' or name.startswith('torch.'):\n"
-    "            raise ModuleNotFoundError(f'No module named {{name!r}}', name=name)\n"
+    "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
     "sys.meta_path.insert(0, NoTorch())\n"
-    "from {module} import main; sys.argv[0] = '{prog}'; main()\n"
 )
+NO_TORCH = BLOCK_TORCH.replace("{", "{{").replace("}", "}}") + "from {module} import main; sys.argv[0] = '{prog}'; main()\n"
 
 
 def run_cli(module: str, prog: str, *args: str, block_torch: bool = False, timeout: float = 600) -> subprocess.CompletedProcess:

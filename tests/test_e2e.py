@@ -34,6 +34,7 @@ def test_pipeline_outputs(micro_out):
         m = v["measured"]
         assert m["latency_ms"]["p50"] <= m["latency_ms"]["p95"] and m["peak_rss_mb"] > 10
         assert set(m["stages_ms"]) == {"preprocess", "ct", "pathology", "genomics", "head"}
+        assert len(m["latency_ms_by_modalities"]) > 1, "the export measures profile's case mix, not full cases only"
         assert v["passes"] == (not v["fails"])
     fp32_only = {v["name"]: v for v in manifest["variants"]}["int8_ct_3d_fp32"]["fp32_nodes"]["ct"]
     assert len(fp32_only) >= 2, "every 3D convolution of the CT encoder stays FP32"
@@ -44,7 +45,9 @@ def test_pipeline_outputs(micro_out):
     assert manifest["preprocessing"]["ct"]["grid"] == [8, 32, 32]
     assert stat.S_IMODE((micro_out / "signing_key.pem").stat().st_mode) == 0o600
     assert (micro_out / "bundle.pub").is_file()
-    assert not [p for p in micro_out.iterdir() if p.name.startswith(".")], "no work folders left"
+    assert not [p for p in micro_out.rglob(".*")], "no temporary folders left"
+    assert {p.name for p in (micro_out / "work").glob("*.json")} == {"teacher.json", "distill.json", "export.json",
+                                                                     "quantize.json", "bundle.json"}
 
 
 def test_infer_without_torch(micro_out):
@@ -80,6 +83,11 @@ def test_profile_select_pins_a_variant_for_this_pc(micro_out, tmp_path):
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert set(result["figures"]) == VARIANTS and result["ok"]
+    # Every variant is measured on the very cases `profile` times: the same modality mix, case for case.
+    plain = edge_run("profile", "--bundle", str(micro_out / "bundle"), "--cases", "4", "--json", "--state", str(tmp_path))
+    mix = {k: row["cases"] for k, row in json.loads(plain.stdout)["latency_ms_by_modalities"].items()}
+    for figures in result["figures"].values():
+        assert {k: row["cases"] for k, row in figures["latency_ms_by_modalities"].items()} == mix
     pin = json.loads((tmp_path / "variant.json").read_text())
     assert pin["variant"] == result["chosen"] and pin["cpu"]["features"] is not None
     # Pinning the slowest variant by hand shows that profile and infer follow the pin.
@@ -196,7 +204,7 @@ def test_help_everywhere():
     for args in ([], ["infer"], ["profile"]):
         proc = edge_run(*args, "--help", block_torch=True)
         assert proc.returncode == 0 and "Usage" in proc.stdout
-    for args in ([], ["pipeline"], ["synth"], ["train-teacher"]):
+    for args in ([], ["pipeline"], ["synth"], ["train-teacher"], ["distill"], ["export"], ["quantize"], ["bundle"]):
         proc = edge_export(*args, "--help")
         assert proc.returncode == 0 and "Usage" in proc.stdout
 
@@ -218,9 +226,12 @@ def test_infer_manifest_of_real_files_matches_in_memory_cases(micro_out, micro_c
     args = ["infer", "--bundle", str(micro_out / "bundle"), "--synthetic", "--json"]
     for r in from_files:
         args += ["--case-id", r["case_id"]]
-    in_memory = [json.loads(line) for line in edge_run(*args).stdout.splitlines()]
-    for a, b in zip(from_files, in_memory):
-        assert a["case_id"] == b["case_id"] and a["modalities"] == b["modalities"]
+    again = edge_run(*args)
+    assert again.returncode == 0, again.stderr
+    in_memory = [json.loads(line) for line in again.stdout.splitlines()]
+    assert [b["case_id"] for b in in_memory] == [a["case_id"] for a in from_files], "every case predicted from memory too"
+    for a, b in zip(from_files, in_memory, strict=True):
+        assert a["modalities"] == b["modalities"]
         assert abs(a["probability"] - b["probability"]) < 0.02
 
 
@@ -296,6 +307,6 @@ def test_measure_accepts_paths_relative_to_the_callers_folder(micro_out, monkeyp
     monkeypatch.chdir(micro_out.parent)
     rel = Path(micro_out.name) / "bundle"
     fp32 = {v["name"]: v for v in manifest["variants"]}["fp32"]["encoders"]
-    figures = measure(Request({m: str(rel / fp32[m]) for m in MODALITIES}, str(rel / "head.onnx"), manifest["preprocessing"],
-                              manifest["classes"], int(manifest["embedding_dim"]), 3, 4, cases=3))
+    figures = measure(Request(str(rel / "head.onnx"), manifest["preprocessing"], manifest["classes"], int(manifest["embedding_dim"]),
+                              3, 4, cases=3, encoders={m: str(rel / fp32[m]) for m in MODALITIES}))
     assert figures["cases"] == 3 and figures["peak_rss_mb"] > 10
