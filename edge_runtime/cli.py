@@ -8,21 +8,17 @@ from pathlib import Path
 
 import click
 
-from . import MODALITIES
 from .bundle import Bundle
 from .cliutil import handle_errors
 from .errors import BadInput, BundleError
 from .fsutil import sweep_temps
 from .manifest import load_case, read_manifest
-from .measure import Request, measure
-from .profiling import WARMUP_CASES, profile
-from .select import Measured, choose
+from .profiling import profile, profile_cases
 from .state import ClinicState, bundle_head_key, check_name
 from .synthetic import InputSpec, SynthConfig, SyntheticCohort, parse_case_id
 from .units import parse_duration_ms, parse_size_mb
 from .variants import default_state_dir, write_pin
 
-PROFILE_FIRST_CASE = 2_000_000  # synthetic profile cases, disjoint from training and test indices
 TRUSTED_KEY_HELP = ("Ed25519 public key of the bundle signer [default: for a version pulled by `sync`, the server key pinned "
                     "at enrollment; else BUNDLE.pub next to the bundle, which must be the signer key pinned in the state "
                     "folder at its first verified use].")
@@ -163,7 +159,7 @@ def profile_cmd(bundle: Path, trusted_key: Path | None, state_dir: Path, variant
     cohort = synthetic_cohort(loaded)
     if plot_path is not None:
         _check_can_plot(plot_path)
-    result = profile(model, cohort.iter_cases(PROFILE_FIRST_CASE, cases + WARMUP_CASES), mem_mb, lat_ms)
+    result = profile(model, profile_cases(cohort, cases), mem_mb, lat_ms)
     report = {"bundle": str(bundle), "model_version": loaded.model_version, "variant": name, "variant_reason": why,
               "threads": threads, **result.to_dict()}
     if plot_path is not None:
@@ -373,7 +369,7 @@ def doctor(bundle: Path | None, trusted_key: Path | None, state_dir: Path, threa
         model = state.model_for(loaded, None, threads)
         name = model.variant
         report.add("variant", name, True, model.variant_reason)
-        result = profile(model, synthetic_cohort(loaded).iter_cases(PROFILE_FIRST_CASE, cases + WARMUP_CASES), mem_mb, lat_ms)
+        result = profile(model, profile_cases(synthetic_cohort(loaded), cases), mem_mb, lat_ms)
         lat = result.latency
         report.facts["profile"] = {"variant": name, **result.to_dict()}
         report.add("latency p95", f"{lat['p95']:.1f} ms ({cases} cases, {threads} threads)", lat["p95"] <= lat_ms, f"budget {lat_ms:g} ms")

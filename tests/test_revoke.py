@@ -11,7 +11,6 @@ import base64
 import json
 import time
 
-import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge_runtime.keys import generate_key
