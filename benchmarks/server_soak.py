@@ -5,7 +5,7 @@ fresh PostgreSQL database under that URL). N clinics are enrolled over HTTP; the
 until `--minutes` or `--rounds` run out, every clinic syncs the way `edge-run sync` does, with the
 clinic's own client library: GET the status, pull the current version (manifest signature and every
 file's SHA-256 verified, unchanged files copied from the last version, installed atomically, old
-versions pruned), write an update for the open round with the clinic's own writer (a random head
+versions pruned), write an update for the open round with the update codec into its outbox (a random head
 delta: N DP fine-tunings would measure the clinics, not the server), queue it, seal it with HPKE,
 sign it and upload it with retries. The syncs of a round start at random moments within
 `--spread` seconds, `--workers` at a time. The round closes at N updates; the server aggregates it
@@ -70,7 +70,7 @@ class MemorySampler:
 
 def clinic_sync(state: Path, url: str, rng_seed: int) -> dict:
     """One clinic's sync: status, verified pull, an update for the open round, upload."""
-    from edge_runtime.finetune.state import State
+    from edge_runtime.sync import update as codec
     from edge_runtime.sync.client import Client, contributed
 
     t0 = time.perf_counter()
@@ -87,7 +87,7 @@ def clinic_sync(state: Path, url: str, rng_seed: int) -> dict:
             meta = {"update_id": update_id, "n": int(rng.integers(50, 2000)), "val_loss": float(rng.uniform(0.4, 0.8)),
                     "modality_fraction": {m: float(rng.uniform(0.3, 1.0)) for m in ("ct", "pathology", "genomics")},
                     "noise_multiplier": 1.0}
-            path = State(state).write_update(update_id, delta, meta)
+            path = codec.write(state / "outbox" / f"{update_id}.npz", delta, meta)  # the clinic's outbox format
             client.queue(path, int(rnd["id"]), version)
         uploads = client.upload_pending()
     finally:

@@ -73,14 +73,18 @@ def token(home: Path | None, db_url: str | None, clinic: str) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8443, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--tick", default=2.0, show_default=True, type=click.FloatRange(0.05, 3600), help="Seconds between round checks.")
+@click.option("--log-level", default="INFO", show_default=True, type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]),
+              help="Server log records (stderr, one line each: request id, clinic, round).")
 @handle_errors
-def serve(home: Path | None, db_url: str | None, host: str, port: int, tick: float) -> None:
+def serve(home: Path | None, db_url: str | None, host: str, port: int, tick: float, log_level: str) -> None:
     """Serve the sync API (put TLS in front in production: a reverse proxy)."""
     import uvicorn
 
     from .app import create_app
+    from .logs import configure
     from .malloc import limit_arenas
 
+    configure(log_level)
     limit_arenas()  # before the server's threads exist
     app = create_app(open_server(home, db_url), tick)
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_keep_alive=30)

@@ -1,5 +1,5 @@
 """Helpers for the server tests: a real `edge-server serve` (uvicorn) on 127.0.0.1 in a subprocess,
-a throwaway PostgreSQL when one is available, and updates written by the clinic's own writer."""
+a throwaway PostgreSQL when one is available, and updates written by the update codec."""
 
 from __future__ import annotations
 
@@ -89,8 +89,8 @@ def fresh_database(base_url: str) -> str:
 
 
 def write_fake_update(state: Path, head: dict, seed: int, n: int = 50, scale: float = 0.01, mutate=None) -> tuple[Path, str]:
-    """An update in the outbox format, written by the clinic's own State.write_update."""
-    from edge_runtime.finetune.state import State
+    """An update in the clinic's outbox (STATE/outbox/ID.npz), written by the update codec."""
+    from edge_runtime.sync import update as codec
 
     rng = np.random.default_rng(seed)
     delta = {k: (rng.normal(size=v.shape) * scale).astype(np.float32) for k, v in head.items()}
@@ -99,4 +99,4 @@ def write_fake_update(state: Path, head: dict, seed: int, n: int = 50, scale: fl
     update_id = f"u-{seed}-{uuid.uuid4().hex[:8]}"
     meta = {"update_id": update_id, "n": n, "val_loss": 0.6 + 0.01 * seed,
             "modality_fraction": {"ct": 1.0, "pathology": 0.5, "genomics": 0.5}, "noise_multiplier": 1.0}
-    return State(state).write_update(update_id, delta, meta), update_id
+    return codec.write(Path(state) / "outbox" / f"{update_id}.npz", delta, meta), update_id
