@@ -208,3 +208,37 @@ def test_pipeline_teacher_is_trained_federated(tmp_path):
     run_pipeline(tmp_path / "out", MICRO.with_train(teacher_epochs=2, student_epochs=1), seed=0, log=logs.append)
     assert any(line.startswith("teacher: federated over 4 sites") for line in logs), logs[:3]
     assert sum(line.startswith("round ") for line in logs) == 2
+
+
+def test_fedprox_proximal_term_changes_the_client_update(tmp_path):
+    """FedProx's mu reaches the sites through strategy.client_config(): the same round with a strong
+    proximal term moves each site's weights less from the global model."""
+    norms = {}
+    for mu in (0.0, 100.0):
+        spec = FederationSpec(sites=2, rounds=1, strategy="fedprox", mu=mu, local_epochs=3, cases_per_site=12, val_per_site=8)
+        (record,) = run_federation(tmp_path / str(mu), CFG, spec, seed=1, log=lambda _: None)["rounds"]
+        norms[mu] = record["norms"]
+    assert set(norms[0.0]) == set(norms[100.0]) == {"site0", "site1"}
+    for site in norms[0.0]:
+        assert norms[100.0][site] < 0.8 * norms[0.0][site], norms
+
+
+def test_fedavgm_velocity_survives_a_resumed_run(tmp_path):
+    """The checkpoint keeps the strategy's server state (FedAvgM's velocity, via state_dict): two
+    rounds in one run and one round + a resumed round end on the same model."""
+    import torch
+
+    def spec(rounds):
+        return FederationSpec(sites=2, rounds=rounds, strategy="fedavgm", cases_per_site=8, val_per_site=6)
+
+    run_federation(tmp_path / "straight", CFG, spec(2), seed=0, log=lambda _: None)
+    run_federation(tmp_path / "resumed", CFG, spec(1), seed=0, log=lambda _: None)
+    state = torch.load(tmp_path / "resumed" / "federated.pt", weights_only=True)
+    assert state["strategy"] == "fedavgm" and state["strategy_state"] and all(k.startswith("velocity/") for k in state["strategy_state"])
+    run_federation(tmp_path / "resumed", CFG, spec(2), seed=0, resume=True, log=lambda _: None)
+    a = torch.load(tmp_path / "straight" / "federated.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "resumed" / "federated.pt", weights_only=True)["model"]
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
+    with pytest.raises(BadInput, match="resume with the same strategy"):
+        run_federation(tmp_path / "resumed", CFG, FederationSpec(sites=2, rounds=3, strategy="fedavg", cases_per_site=8,
+                                                                 val_per_site=6), seed=0, resume=True, log=lambda _: None)
