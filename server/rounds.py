@@ -27,7 +27,7 @@ from sqlalchemy.exc import DBAPIError
 
 from edge_runtime import MODALITIES
 from edge_runtime.sync import update as codec
-from federation.aggregation import DWFL, ClientUpdate, UpdateMeta, l2_norm
+from federation.aggregation import ClientUpdate, UpdateMeta, l2_norm
 
 from . import db
 from .service import Server
@@ -107,7 +107,7 @@ def aggregate_round(srv: Server, round_id: int) -> int | None:
     base = srv.manifest(rnd.base_version)
     global_params = srv.head_params(rnd.base_version)
     t0 = time.perf_counter()
-    result = DWFL(beta=srv.config.beta).aggregate(global_params, stored_updates(srv, round_id), branch_of)
+    result = srv.strategy.aggregate(global_params, stored_updates(srv, round_id), branch_of)
     for clinic, reason in result.rejected:
         log.warning("update rejected at aggregation: %s", reason, extra={"clinic": clinic, "round": round_id})
     buf = io.BytesIO()

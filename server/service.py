@@ -27,6 +27,7 @@ from edge_runtime.keys import key_id
 from edge_runtime.sync import protocol
 from edge_runtime.sync import update as codec
 from edge_runtime.sync.hpke import SealError
+from federation.aggregation import DWFL
 
 from . import db
 from .blobs import BlobStore
@@ -67,6 +68,9 @@ class Server:
         self.hpke = home.hpke()
         self.hpke_public = self.hpke.public()
         self._heads: dict[int, dict[str, np.ndarray]] = {}
+        # built at start so that a setting out of range is refused before serving; DW-FL keeps no
+        # server state (a strategy that does would be saved with each version it makes)
+        self.strategy = DWFL(beta=self.config.beta)
 
     # ------------------------------------------------------------ enrollment
 
