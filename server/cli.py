@@ -123,10 +123,14 @@ def rounds_cmd(home: Path | None, db_url: str | None, close_due: bool, as_json: 
     for r in report:
         click.echo(f"round {r['id']}  base v{r['base_version']}  {r['state']:<11} updates {r['n_updates']}/{r['min_clients']}"
                    + (f"  -> v{r['result_version']}" if r["result_version"] else ""))
-        weights = ((r.get("report") or {}).get("weights") or {}).get("shared", {})
+        rep = r.get("report") or {}
+        if rep.get("error"):
+            click.echo(f"  not aggregated: {rep['error']}")
+        weights, rejected = (rep.get("weights") or {}).get("shared", {}), dict(rep.get("rejected") or [])
         for a in r["arrivals"]:
             w = weights.get(a["clinic"])
-            click.echo(f"  {a['clinic']:<24} n={a['n']:<6} staleness {a['staleness']}" + (f"  weight {w:.4f}" if w is not None else ""))
+            click.echo(f"  {a['clinic']:<24} n={a['n']:<6} staleness {a['staleness']}" + (f"  weight {w:.4f}" if w is not None else "")
+                       + (f"  rejected: {rejected[a['clinic']]}" if a["clinic"] in rejected else ""))
 
 
 @main.command()

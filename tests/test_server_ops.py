@@ -111,6 +111,8 @@ def test_update_that_cannot_be_opened_at_aggregation_is_rejected_with_its_reason
     assert r1.report["rejected"] == [["c1", f"cannot be opened: blob {broken.blob_sha256[:16]}… is corrupt"]]
     assert set(r1.report["weights"]["shared"]) == {"c0", "c2"}
     assert round_row(srv, 2).state == "open" and rounds.tick(srv) == []
+    shown = edge_server("rounds", "--home", str(srv.home.root)).stdout
+    assert "rejected: cannot be opened: blob" in shown and shown.count("weight ") == 2, shown
 
 
 def test_round_that_cannot_be_aggregated_is_closed_as_failed_not_retried(server, tmp_path):
@@ -126,6 +128,7 @@ def test_round_that_cannot_be_aggregated_is_closed_as_failed_not_retried(server,
     r2 = round_row(srv, 2)
     assert r2.state == "open" and r2.base_version == 1, "the federation goes on from the same version"
     assert rounds.tick(srv) == [] and round_row(srv, 1).state == "failed", "never tried again"
+    assert "not aggregated: FileNotFoundError" in edge_server("rounds", "--home", str(srv.home.root)).stdout
 
 
 def test_server_logs_carry_request_id_clinic_and_round():
