@@ -80,8 +80,8 @@ def _stored(srv: Server, row) -> ClientUpdate:
     summary = codec.Summary.from_dict(row.meta)
 
     def load() -> dict:
-        return srv.stored_delta(blob_sha256=row.blob_sha256, sha256_plain=summary.sha256_plain, clinic=row.clinic,
-                                sent_round=row.sent_round, sent_base=row.sent_base, update_id=row.update_id, kem=row.kem)
+        return srv.stored_delta(blob_sha256=row.blob_sha256, clinic=row.clinic, sent_round=row.sent_round,
+                                sent_base=row.sent_base, update_id=row.update_id, kem=row.kem)
 
     meta = UpdateMeta(client=row.clinic, n=summary.n, val_loss=summary.val_loss, modality_fraction=summary.modality_fraction,
                       staleness=int(row.staleness), noise_multiplier=summary.noise_multiplier)
