@@ -224,21 +224,29 @@ def test_fedprox_proximal_term_changes_the_client_update(tmp_path):
 
 
 def test_fedavgm_velocity_survives_a_resumed_run(tmp_path):
-    """The checkpoint keeps the strategy's server state (FedAvgM's velocity, via state_dict): two
-    rounds in one run and one round + a resumed round end on the same model."""
+    """The checkpoint keeps the strategy's server state (FedAvgM's velocity, via state_dict): a
+    federation resumed from it (a new process) starts with the velocity the first one ended with."""
     import torch
 
-    def spec(rounds):
-        return FederationSpec(sites=2, rounds=rounds, strategy="fedavgm", cases_per_site=8, val_per_site=6)
+    from export.federated import Federation, prepare_cohort, prepare_sites
+    from export.models import Teacher
 
-    run_federation(tmp_path / "straight", CFG, spec(2), seed=0, log=lambda _: None)
-    run_federation(tmp_path / "resumed", CFG, spec(1), seed=0, log=lambda _: None)
-    state = torch.load(tmp_path / "resumed" / "federated.pt", weights_only=True)
-    assert state["strategy"] == "fedavgm" and state["strategy_state"] and all(k.startswith("velocity/") for k in state["strategy_state"])
-    run_federation(tmp_path / "resumed", CFG, spec(2), seed=0, resume=True, log=lambda _: None)
-    a = torch.load(tmp_path / "straight" / "federated.pt", weights_only=True)["model"]
-    b = torch.load(tmp_path / "resumed" / "federated.pt", weights_only=True)["model"]
-    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
+    spec = FederationSpec(sites=2, rounds=1, strategy="fedavgm", cases_per_site=8, val_per_site=6)
+    cohort, pre = prepare_cohort(CFG, spec, seed=0)
+    sites = prepare_sites(cohort, pre, spec, tmp_path / "cases")
+
+    def federation() -> Federation:
+        torch.manual_seed(0)
+        return Federation(Teacher(CFG.model, CFG.input.n_genes, 2), sites, spec, CFG.train, 0, tmp_path / "fl", lambda _: None)
+
+    first = federation()
+    first.run()
+    ended = first.strategy.state_dict()
+    assert ended and all(k.startswith("velocity/") for k in ended) and any(np.any(v != 0) for v in ended.values())
+    resumed = federation()
+    resumed.run(resume=True)  # all rounds done: restores, trains nothing
+    restored = resumed.strategy.state_dict()
+    assert set(restored) == set(ended) and all(np.array_equal(restored[k], ended[k]) for k in ended)
     with pytest.raises(BadInput, match="resume with the same strategy"):
-        run_federation(tmp_path / "resumed", CFG, FederationSpec(sites=2, rounds=3, strategy="fedavg", cases_per_site=8,
-                                                                 val_per_site=6), seed=0, resume=True, log=lambda _: None)
+        run_federation(tmp_path / "fl", CFG, FederationSpec(sites=2, rounds=2, strategy="fedavg", cases_per_site=8,
+                                                            val_per_site=6), seed=0, resume=True, log=lambda _: None)
