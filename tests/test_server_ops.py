@@ -148,3 +148,18 @@ def test_server_logs_carry_request_id_clinic_and_round():
     first, second = stream.getvalue().splitlines()
     assert first.endswith("INFO server.rounds req=abc123 clinic=- round=4 aggregated")
     assert second.endswith("WARNING server.service req=abc123 clinic=north round=2 refused")
+
+
+def test_rows_stored_before_the_norm_was_recorded_still_aggregate(server, tmp_path):
+    """A database written by an older server: the norm is measured at aggregation instead."""
+    srv = server
+    ids = [store(srv, tmp_path, f"c{i}", seed=i) for i in range(2)]
+    with srv.engine.begin() as conn:
+        for r in conn.execute(select(db.updates)).all():
+            conn.execute(db.updates.update().where(db.updates.c.update_id == r.update_id)
+                         .values(meta={k: v for k, v in r.meta.items() if k != "norm"}))
+        conn.execute(db.rounds.update().where(db.rounds.c.id == 1).values(min_clients=2))
+    assert rounds.tick(srv) == [2]
+    report = round_row(srv, 1).report
+    delta = codec.read(tmp_path / "c0" / "outbox" / f"{ids[0]}.npz").delta
+    assert sorted(report["accepted"]) == ["c0", "c1"] and report["norms"]["c0"] == pytest.approx(codec.norm(delta), abs=1e-6)
