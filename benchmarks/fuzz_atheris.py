@@ -2,9 +2,9 @@
 
 Targets: a DICOM slice and a NIfTI volume (read_ct), a PNG tile (read_tiles), an expression table, a
 case manifest, a bundle manifest (load_bundle), an update envelope (Envelope JSON + check), and a
-sealed update's plaintext (the server's check_update: npz + metadata). Each starts from a valid seed
+sealed update's plaintext (the update codec's decode + validate, what the server's check_update runs). Each starts from a valid seed
 input and runs in its own process for `--seconds`; the only acceptable outcome of an input is a
-clean refusal (BadInput / Refusal / AuthError) or success. Any other exception is a finding:
+clean refusal (BadInput, the codec's UpdateError included, / AuthError) or success. Any other exception is a finding:
 libFuzzer stops and writes the input as crash-* in the results folder of that target.
 
 The hypothesis suites in tests/ (test_fuzz.py, test_fuzz_http.py) are the CI part; this is the long
@@ -29,12 +29,17 @@ sys.path.insert(0, str(ROOT))
 TARGETS = ["dicom", "nifti", "png", "expression", "manifest", "bundle_manifest", "envelope", "update"]
 
 
+def update_reference() -> dict:
+    """The head an "update" input claims to change."""
+    import numpy as np
+
+    return {"classifier.weight": np.zeros((2, 8), np.float32), "classifier.bias": np.zeros(2, np.float32)}
+
+
 # ---------------------------------------------------------------- the child: one target
 
 
 def seeds(target: str, folder: Path) -> list[bytes]:
-    import io
-
     import numpy as np
 
     from export.synth_files import write_dicom_series, write_nifti, write_png
@@ -60,11 +65,9 @@ def seeds(target: str, folder: Path) -> list[bytes]:
         return [json.dumps({"update_id": "u-1", "clinic": "north", "round": 1, "base_version": 1, "kem": "x25519",
                             "sealed": "AAAA", "signature": "AAAA"}).encode()]
     if target == "update":
-        arrays = {"delta/classifier.weight": np.zeros((2, 8), np.float32), "delta/classifier.bias": np.zeros(2, np.float32),
-                  "meta.json": np.frombuffer(json.dumps({"update_id": "u-1", "n": 50, "val_loss": 0.6}).encode(), np.uint8)}
-        buf = io.BytesIO()
-        np.savez(buf, **arrays)
-        return [buf.getvalue()]
+        from edge_runtime.sync import update as codec
+
+        return [codec.encode(update_reference(), {"update_id": "u-1", "n": 50, "val_loss": 0.6})]
     raise ValueError(target)
 
 
@@ -80,8 +83,8 @@ def child(target: str, seconds: int, corpus: Path, artifacts: Path) -> None:
         from edge_runtime.readers.genomics import read_expression
         from edge_runtime.readers.pathology import read_tiles
         from edge_runtime.sync import protocol
+        from edge_runtime.sync import update as codec
         from server.app import EnvelopeBody
-        from server.service import Refusal, Server
     from pydantic import ValidationError
 
     import numpy as np
@@ -91,13 +94,8 @@ def child(target: str, seconds: int, corpus: Path, artifacts: Path) -> None:
     for i, data in enumerate(seeds(target, work)):
         (corpus / f"seed-{i}").write_bytes(data)
     grid, key = TargetGrid((4, 8, 8), (4.0, 2.0, 2.0)), generate_key()
-    clean = (BadInput, Refusal, protocol.AuthError)
-
-    class FakeServer:  # check_update needs only the reference head of the base version
-        head_params = staticmethod(lambda _v: {"classifier.weight": np.zeros((2, 8), np.float32),
-                                               "classifier.bias": np.zeros(2, np.float32)})
-
-    env = protocol.Envelope("u-1", "north", 1, 1, "x25519", "", "")
+    clean = (BadInput, protocol.AuthError)  # codec.UpdateError is a BadInput
+    reference = update_reference()
     suffix = {"dicom": "s.dcm", "nifti": "v.nii.gz", "png": "t.png", "expression": "e.csv", "manifest": "m.csv"}
 
     def one(data: bytes) -> None:
@@ -120,8 +118,8 @@ def child(target: str, seconds: int, corpus: Path, artifacts: Path) -> None:
                 e = protocol.Envelope(**body.model_dump())
                 e.check(key.public_key())
                 e.sealed_bytes()
-            elif target == "update":
-                Server.check_update(FakeServer(), data, env)
+            elif target == "update":  # what the server's check_update does with an opened update
+                codec.validate(codec.decode(data, codec.size_limit(reference)), reference, "u-1")
         except clean:
             pass
 

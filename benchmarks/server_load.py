@@ -4,17 +4,17 @@
     PostgreSQL; a fresh database is created under that URL for each part). 50 clinics are enrolled
     over HTTP with tokens from the server library (`edge_runtime.sync.client.enroll`, the clinic's
     own code), each builds a valid update for the open round, then all 50 upload at once (one thread
-    and one connection each, released together by a barrier). An update is the clinic's outbox .npz
-    written by its own writer (`ClinicState.write_update`) with a random head delta of the model's shapes
+    and one connection each, released together by a barrier). An update is made by the update codec
+    (`edge_runtime.sync.update`, what the clinic writes to its outbox) with a random head delta of the model's shapes
     (no fine-tuning is run: 50 DP fine-tunings would measure the clinic, not the server), sealed with
     HPKE (ML-KEM-768 + X25519) to the server key, wrapped in an Envelope signed by the clinic, and sent
     as a signed request: exactly what `edge-run sync` sends. Measured: errors (must be 0), upload
     latency p50/p95/max, throughput, and that the server stored exactly 50 updates (the round closes
     at min_clients = 50 and is aggregated into version 2).
 (b) 100 and 1,000 stored updates (received through `Server.receive_update`, every check included,
-    no HTTP) are aggregated by `rounds.tick` (DW-FL, two streaming passes over the sealed blobs) in a
-    fresh process each: wall time and peak RSS, next to the RSS before aggregating and to what
-    holding every delta at once would take.
+    no HTTP) are aggregated by `rounds.aggregate_round` (DW-FL: weights and clip bound from the norms
+    and metadata stored on arrival, then each sealed blob opened once) in a fresh process each: wall
+    time and peak RSS, next to the RSS before aggregating and to what holding every delta at once would take.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import base64
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -117,9 +116,9 @@ def head_of(bundle: Path) -> dict[str, np.ndarray]:
         return {k: np.asarray(z[k], dtype=np.float32) for k in z.files}
 
 
-def fake_update(state: Path, head: dict, seed: int) -> tuple[bytes, str]:
-    """An outbox update written by the clinic's own writer: random delta of the head's shapes."""
-    from edge_runtime.state import ClinicState
+def fake_update(head: dict, seed: int) -> tuple[bytes, str]:
+    """An update's bytes as the codec writes them to a clinic's outbox: random delta of the head's shapes."""
+    from edge_runtime.sync import update as codec
 
     rng = np.random.default_rng(seed)
     delta = {k: (rng.normal(size=v.shape) * 0.01).astype(np.float32) for k, v in head.items()}
@@ -127,16 +126,15 @@ def fake_update(state: Path, head: dict, seed: int) -> tuple[bytes, str]:
     meta = {"update_id": update_id, "n": int(rng.integers(50, 2000)), "val_loss": float(rng.uniform(0.4, 0.8)),
             "modality_fraction": {m: float(rng.uniform(0.3, 1.0)) for m in ("ct", "pathology", "genomics")},
             "noise_multiplier": 1.0}
-    return ClinicState(state).write_update(update_id, delta, meta).read_bytes(), update_id
+    return codec.encode(delta, meta), update_id
 
 
 def envelope(key, clinic: str, hpke_pub, update_id: str, plain: bytes, round_id: int = 1, base_version: int = 1):
-    from edge_runtime.sync import protocol
-    from edge_runtime.sync.hpke import DEFAULT_KEM, seal
+    from edge_runtime.sync import update as codec
+    from edge_runtime.sync.hpke import DEFAULT_KEM
 
-    env = protocol.Envelope.build(key, update_id, clinic, round_id, base_version, DEFAULT_KEM, b"")
-    sealed = seal(plain, hpke_pub, env.info(), DEFAULT_KEM)
-    return protocol.Envelope.build(key, update_id, clinic, round_id, base_version, DEFAULT_KEM, sealed)
+    return codec.seal(plain, key=key, hpke_public=hpke_pub, update_id=update_id, clinic=clinic, round_id=round_id,
+                      base_version=base_version, kem=DEFAULT_KEM)
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -167,7 +165,7 @@ def concurrent_uploads(bundle: Path, work: Path, db_url: str | None, clinics: in
             state = work / "clinics" / name
             enroll(state, srv.url, lib.issue_token(name))
             c = Client(state)
-            plain, update_id = fake_update(state, head, seed=i)
+            plain, update_id = fake_update(head, seed=i)
             prepared.append((c, envelope(c.key, name, c.hpke, update_id, plain).to_json()))
         body_kb = float(np.mean([len(b) for _, b in prepared])) / 1024
         barrier = threading.Barrier(clinics + 1)
@@ -250,7 +248,6 @@ def stored_round(bundle: Path, work: Path, db_url: str | None, n: int) -> Path:
     srv = Server(Home(home), db_url)
     hpke_pub = HpkePublic.from_dict(srv.server_identity()["hpke_public"])
     head = head_of(bundle)
-    state = work / f"agg-{n}-clinic"
     for i in range(n):
         name = f"c{i:05d}"
         key = generate_key()
@@ -258,10 +255,9 @@ def stored_round(bundle: Path, work: Path, db_url: str | None, n: int) -> Path:
         token, pub = srv.issue_token(name), base64.b64encode(raw).decode()
         body = json.dumps({"token": token, "public_key": pub}).encode()
         srv.enroll(protocol.sign_request(key, name, "POST", "/v1/enroll", body), "POST", "/v1/enroll", body, token, pub)
-        plain, update_id = fake_update(state, head, seed=10_000 + i)
+        plain, update_id = fake_update(head, seed=10_000 + i)
         acc = srv.receive_update(name, key.public_key(), envelope(key, name, hpke_pub, update_id, plain))
         assert acc.status == "stored", acc
-    shutil.rmtree(state)
     srv.engine.dispose()
     return home
 
@@ -303,7 +299,7 @@ def plot(load: dict, agg: dict, model_mb: float) -> Path:
         b.text(x[i], peak[i], f"{peak[i]:.0f} MB\n{agg[n]['seconds']:.1f} s", ha="center", va="bottom", fontsize=8)
     b.set_xticks(x, [f"{int(n):,} updates" for n in ns])
     b.set_ylabel("MB")
-    b.set_title("aggregation (DW-FL, two streaming passes)")
+    b.set_title("aggregation (DW-FL, each sealed update opened once)")
     b.legend(fontsize=8)
     fig.tight_layout()
     path = png_path("server_load")
@@ -358,7 +354,7 @@ def main() -> None:
                     f"head.npz replaced by a randomly initialised StudentHead of the '{args.head_config}' config "
                     f"(dim {head['classifier.weight'].shape[1]}), bundle re-signed with a throwaway key: the server only handles the head",
             "model_version": json.loads((bundle / "manifest.json").read_text())["model_version"],
-            "updates": "random head deltas of the model's shapes in the clinic's outbox format (ClinicState.write_update), "
+            "updates": "random head deltas of the model's shapes in the clinic's outbox format (edge_runtime.sync.update), "
                        "HPKE-sealed (mlkem768-x25519) and signed exactly as edge-run sync does; no fine-tuning run",
             "latencies_ms": load["latencies_ms"],
             "server": "one `edge-server serve` process (uvicorn, one worker) on 127.0.0.1, same machine as the clients",

@@ -5,7 +5,7 @@ fresh PostgreSQL database under that URL). N clinics are enrolled over HTTP; the
 until `--minutes` or `--rounds` run out, every clinic syncs the way `edge-run sync` does, with the
 clinic's own client library: GET the status, pull the current version (manifest signature and every
 file's SHA-256 verified, unchanged files copied from the last version, installed atomically, old
-versions pruned), write an update for the open round with the clinic's own writer (a random head
+versions pruned), write an update for the open round with the update codec into its outbox (a random head
 delta: N DP fine-tunings would measure the clinics, not the server), queue it, seal it with HPKE,
 sign it and upload it with retries. The syncs of a round start at random moments within
 `--spread` seconds, `--workers` at a time. The round closes at N updates; the server aggregates it

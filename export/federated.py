@@ -28,7 +28,7 @@ from edge_runtime.metrics import roc_auc
 from edge_runtime.preprocess import Preprocessing
 from edge_runtime.progress import progress
 from edge_runtime.synthetic import SynthConfig, SyntheticCohort
-from federation.aggregation import DWFL, STRATEGIES, ClientUpdate, UpdateMeta, from_list
+from federation.aggregation import STRATEGIES, ClientUpdate, Strategy, UpdateMeta
 
 from .config import PipelineConfig, TrainConfig
 from .data import ConcatCases, PreparedCases
@@ -155,7 +155,7 @@ class FederationSpec:
     init_checkpoint: Path | None = None  # local pretrained weights (transfer learning); never downloaded
 
 
-def make_strategy(spec: FederationSpec) -> DWFL:
+def make_strategy(spec: FederationSpec) -> Strategy:
     if spec.strategy not in STRATEGIES:
         raise BadInput(f"unknown strategy {spec.strategy!r}: choose one of {', '.join(STRATEGIES)}")
     if spec.strategy == "dwfl":
@@ -222,7 +222,7 @@ class Federation:
             self.log(f"resumed after round {start}")
         elif log_path.exists():
             log_path.unlink()
-        mu = getattr(self.strategy, "mu", 0.0)
+        mu = self.strategy.client_config().proximal_mu  # what every site must do locally
         bs = self.cfg.batch_size
         with progress(f"federated rounds ({spec.strategy})", (spec.rounds - start) * len(self.sites)) as advance:
             self._rounds(start, mu, bs, device, ckpt, log_path, advance)
@@ -241,11 +241,11 @@ class Federation:
                             device=device)
                 delta = {k: v - global_params[k] for k, v in self._shared(_params(model)).items()}
                 meta = UpdateMeta(f"site{site.index}", len(site.train), val_loss, site.modality_fraction)
-                updates.append(ClientUpdate(meta, delta))
+                updates.append(ClientUpdate.in_memory(meta, delta))
                 state = model.state_dict()
                 site_state.append({k: state[k].detach().clone() for k in self.norms})
                 advance(1)
-            result = self.strategy.aggregate(global_params, from_list(updates), branch_of)
+            result = self.strategy.aggregate(global_params, updates, branch_of)
             model.load_state_dict(global_state)
             _load_params(model, result.params)
             sizes = [len(s.train) for s in self.sites]
@@ -262,7 +262,7 @@ class Federation:
             record = {"round": rnd + 1, "strategy": spec.strategy, "val_auc": site_auc,
                       "val_auc_before": {f"site{k}": round(v, 4) for k, v in auc_before.items()},
                       "weights": result.weights["shared"], "rejected": result.rejected,
-                      "clip_bound": round(result.clip_bound, 6)}
+                      "clip_bound": round(result.clip_bound, 6), "norms": {k: round(v, 6) for k, v in result.norms.items()}}
             self.history.append(record)
             self._checkpoint(ckpt, rnd + 1)
             with open(log_path, "a") as fh:
@@ -284,12 +284,12 @@ class Federation:
         return out
 
     def _checkpoint(self, path: Path, rnd: int) -> None:
-        velocity = getattr(self.strategy, "velocity", None)
         buf = io.BytesIO()
         torch.save({
             "model": {k: v.cpu() for k, v in self.model.state_dict().items()},
             "round": rnd,
-            "velocity": {k: torch.from_numpy(v) for k, v in velocity.items()} if velocity else None,
+            "strategy": self.strategy.name,
+            "strategy_state": {k: torch.from_numpy(np.asarray(v)) for k, v in self.strategy.state_dict().items()},
             "site_norms": {str(k): {n: t.cpu() for n, t in v.items()} for k, v in self.site_norms.items()},
         }, buf)
         write_atomic(path, buf.getvalue())
@@ -297,8 +297,13 @@ class Federation:
     def _restore(self, path: Path) -> int:
         state = torch.load(path, map_location=self.spec.device, weights_only=True)
         self.model.load_state_dict(state["model"])
-        if hasattr(self.strategy, "velocity") and state.get("velocity"):
-            self.strategy.velocity = {k: v.numpy() for k, v in state["velocity"].items()}
+        saved = state.get("strategy", self.strategy.name)
+        if saved != self.strategy.name:
+            raise BadInput(f"{path}: checkpoint of a {saved!r} federation, not {self.strategy.name!r}: resume with the same strategy")
+        strategy_state = state.get("strategy_state")
+        if strategy_state is None and state.get("velocity"):  # checkpoints written before strategy_state
+            strategy_state = {f"velocity/{k}": v for k, v in state["velocity"].items()}
+        self.strategy.load_state_dict({k: v.numpy() for k, v in (strategy_state or {}).items()})
         self.site_norms = {int(k): v for k, v in (state.get("site_norms") or {}).items()}
         return int(state["round"])
 

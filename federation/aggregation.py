@@ -1,25 +1,41 @@
-"""Federated aggregation (DESIGN §4): DW-FL and its baselines as pure functions over numpy arrays.
+"""Federated aggregation (DESIGN §4): DW-FL and its baselines, the math as pure functions over numpy
+arrays, the strategies as small classes around it.
 
-The same code serves the federated teacher simulation and the aggregation server. Updates arrive
-through a re-iterable *source* (a callable returning a fresh iterator, e.g. reading blobs from
-disk): a first pass reads only metadata and norms, a second pass accumulates, so memory is
-O(model), never O(clients x model).
+The same code serves the federated teacher simulation and the aggregation server. Each update
+arrives as a :class:`ClientUpdate`: its metadata and the L2 norm of its delta known upfront (the
+server computes them when the update arrives), and a ``load()`` of the delta itself, called once,
+in the one accumulating pass. Memory is O(model), never O(clients x model).
 
     a_k = n_k / sum_j n_j                          data share (n_k * r_k[m] for modality branch m)
     d_k = softmax(L_k / T)_k                       dynamic share: where theta_t fits worst weighs more
     w_k ∝ ((1 - beta) a_k + beta d_k) * (1 + tau_k)^(-1/2),   sum_k w_k = 1
     theta_{t+1} = theta_t + eta_s * sum_k w_k clip(Delta_k, C),   C = 3 x median update norm
+
+A strategy: ``aggregate(global_params, updates, branch_of)``; ``client_config()`` (what a client
+must do locally, e.g. FedProx's proximal mu); ``state_dict()`` / ``load_state_dict()`` (server
+state that must survive a restart, e.g. FedAvgM's velocity).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 
+from edge_runtime import MODALITIES
+from edge_runtime.errors import BadInput
+
 Params = dict[str, np.ndarray]
 BranchOf = Callable[[str], "str | None"]  # parameter name -> modality branch, None = shared
+DYNAMIC_TERMS = ("loss", "relative")
+
+
+def shared(_name: str) -> None:
+    """The default ``branch_of``: every parameter is shared."""
+    return None
 
 
 @dataclass(frozen=True)
@@ -32,25 +48,49 @@ class UpdateMeta:
     noise_multiplier: float = 0.0  # sigma_k (DP), logged; inverse-variance weighting is optional
 
 
-@dataclass
+@dataclass(frozen=True)
 class ClientUpdate:
+    """One client's update as aggregation sees it: what the weights and the clip bound need, known
+    upfront, and ``load()`` of the delta (theta_k - theta_t), called once per aggregation."""
+
     meta: UpdateMeta
-    delta: Params  # theta_k - theta_t
+    norm: float  # L2 norm of the whole delta
+    load: Callable[[], Params]
+
+    @classmethod
+    def in_memory(cls, meta: UpdateMeta, delta: Params) -> "ClientUpdate":
+        return cls(meta, l2_norm(delta), lambda: delta)
 
 
-UpdateSource = Callable[[], Iterable[ClientUpdate]]
+@dataclass
+class AggregationResult:
+    params: Params
+    weights: dict[str, dict[str, float]]  # branch ("shared" or modality) -> client -> weight
+    accepted: list[str]
+    rejected: list[tuple[str, str]]  # (client, reason)
+    clip_bound: float
+    norms: dict[str, float]
 
 
-# ---------------------------------------------------------------- the weights (pure)
+@dataclass(frozen=True)
+class ClientConfig:
+    """What every client of a strategy does locally (handed to the clients)."""
+
+    proximal_mu: float = 0.0  # FedProx: add (mu/2)||theta - theta_t||^2 to the local loss
+
+
+# ---------------------------------------------------------------- the math (pure)
+
+
+def l2_norm(delta: Params) -> float:
+    """L2 norm of a whole delta, summed in float64."""
+    return float(math.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in delta.values())))
 
 
 def data_shares(n: np.ndarray) -> np.ndarray:
     n = np.asarray(n, dtype=np.float64)
     total = n.sum()
     return n / total if total > 0 else np.zeros_like(n)
-
-
-DYNAMIC_TERMS = ("loss", "relative")
 
 
 def dynamic_shares(losses: np.ndarray, temperature: float = 1.0, dynamic: str = "loss") -> np.ndarray:
@@ -88,25 +128,22 @@ def dwfl_weights(
     return w / w.sum()
 
 
+def branch_cases(metas: Sequence[UpdateMeta], branch: str | None) -> np.ndarray:
+    """n_k for the shared parameters, n_k * r_k[m] for modality branch m."""
+    return np.array([m.n * (m.modality_fraction.get(branch, 0.0) if branch else 1.0) for m in metas], dtype=np.float64)
+
+
 def clip_scale(norm: float, bound: float) -> float:
     return 1.0 if bound <= 0 or norm <= bound else bound / norm
 
 
-# ---------------------------------------------------------------- strategies
+def clip_bound(norms: Sequence[float], clip_factor: float) -> float:
+    """C = clip_factor x median update norm (0: no clipping)."""
+    return clip_factor * float(np.median(list(norms))) if len(norms) and clip_factor > 0 else 0.0
 
 
-@dataclass
-class AggregationResult:
-    params: Params
-    weights: dict[str, dict[str, float]]  # branch ("shared" or modality) -> client -> weight
-    accepted: list[str]
-    rejected: list[tuple[str, str]]  # (client, reason)
-    clip_bound: float
-    norms: dict[str, float]
-
-
-def _check(delta: Params, reference: Params) -> str | None:
-    """Why an update cannot be averaged, or None."""
+def mismatch(delta: Params, reference: Params) -> str | None:
+    """Why a delta cannot be added to ``reference``, or None."""
     if set(delta) != set(reference):
         missing, extra = set(reference) - set(delta), set(delta) - set(reference)
         return f"parameter names differ (missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]})"
@@ -119,110 +156,221 @@ def _check(delta: Params, reference: Params) -> str | None:
     return None
 
 
-def _norm(delta: Params) -> float:
-    return float(np.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in delta.values())))
+def screen(updates: Sequence[ClientUpdate]) -> tuple[list[ClientUpdate], list[tuple[str, str]]]:
+    """The updates that may be averaged, on what is known upfront; (client, reason) for the rest."""
+    kept, rejected, seen = [], [], set()
+    for u in updates:
+        m = u.meta
+        reason = None
+        if m.n <= 0:
+            reason = "no training cases (n <= 0)"
+        elif not np.isfinite(m.val_loss):
+            reason = "validation loss is not finite"
+        elif not np.isfinite(u.norm):
+            reason = "non-finite values (update norm)"
+        elif m.client in seen:
+            reason = "second update from the same client in one round"
+        if reason:
+            rejected.append((m.client, reason))
+        else:
+            seen.add(m.client)
+            kept.append(u)
+    return kept, rejected
 
 
-@dataclass
-class DWFL:
-    """Dynamic-weight aggregation. ``beta=0`` is FedAvg (data-share weights) with the same clipping,
-    staleness discount and validation."""
+class _Unusable(Exception):
+    def __init__(self, client: str, reason: str) -> None:
+        super().__init__(reason)
+        self.client, self.reason = client, reason
 
-    beta: float = 0.3
-    temperature: float = 1.0
+
+def weighted_sum(
+    reference: Params, updates: Sequence[ClientUpdate], weights: Mapping[str | None, np.ndarray], bound: float,
+    branch_of: BranchOf,
+) -> Params:
+    """sum_k w_k[branch] clip(Delta_k, C), one delta loaded at a time (float64 accumulators).
+    Raises _Unusable naming the first update that cannot be loaded or does not fit ``reference``."""
+    total = {k: np.zeros(v.shape, dtype=np.float64) for k, v in reference.items()}
+    for i, u in enumerate(updates):
+        try:
+            delta = u.load()
+        except Exception as exc:  # noqa: BLE001 - whatever a stored update fails with, it is rejected, not retried
+            raise _Unusable(u.meta.client, f"cannot be opened: {exc}") from exc
+        reason = mismatch(delta, reference)
+        if reason:
+            raise _Unusable(u.meta.client, reason)
+        scale = clip_scale(u.norm, bound)
+        for name, arr in delta.items():
+            branch = branch_of(name)
+            total[name] += weights[branch if branch in weights else None][i] * scale * arr
+        del delta
+    return total
+
+
+# ---------------------------------------------------------------- strategies
+
+
+def _check_range(name: str, value: float, low: float, high: float = math.inf, *, open_low: bool = False,
+                 open_high: bool = False) -> None:
+    ok_low = value > low if open_low else value >= low
+    ok_high = value < high if open_high else value <= high
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and ok_low and ok_high):
+        lo, hi = "(" if open_low else "[", ")" if open_high or high == math.inf else "]"
+        raise BadInput(f"{name} = {value!r} is out of range {lo}{low}, {high}{hi}")
+
+
+@dataclass(kw_only=True)
+class Strategy:
+    """Shared by every strategy: clipping, staleness discount, the optional inverse-variance
+    weighting, the server learning rate; subclasses choose the client weights and the server step."""
+
+    name: ClassVar[str] = ""
     server_lr: float = 1.0
     clip_factor: float = 3.0  # C = clip_factor x median update norm; 0 disables clipping
     inverse_variance: bool = False
-    dynamic: str = "loss"  # see dynamic_shares
-    modalities: tuple[str, ...] = ("ct", "pathology", "genomics")
 
-    def client_weights(self, metas: list[UpdateMeta], branch: str | None) -> np.ndarray:
-        n = np.array([m.n * (m.modality_fraction.get(branch, 0.0) if branch else 1.0) for m in metas], dtype=np.float64)
+    def __post_init__(self) -> None:
+        _check_range("server_lr", self.server_lr, 0.0, open_low=True)
+        _check_range("clip_factor", self.clip_factor, 0.0)
+
+    # -- what subclasses change
+    def client_weights(self, metas: Sequence[UpdateMeta], branch: str | None) -> np.ndarray:
+        return self._weights(metas, branch, beta=0.0)
+
+    def client_config(self) -> ClientConfig:
+        return ClientConfig()
+
+    def state_dict(self) -> Params:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+        if state:
+            raise BadInput(f"strategy {self.name!r} keeps no server state (got {sorted(state)[:3]})")
+
+    def step(self, global_params: Params, mean_delta: Params) -> Params:
+        """The server step: theta + eta_s * mean delta."""
+        return {k: (v + self.server_lr * mean_delta[k]).astype(v.dtype) for k, v in global_params.items()}
+
+    # -- shared
+    def _weights(self, metas: Sequence[UpdateMeta], branch: str | None, *, beta: float, temperature: float = 1.0,
+                 dynamic: str = "loss") -> np.ndarray:
         noise = np.array([m.noise_multiplier for m in metas]) if self.inverse_variance else None
-        return dwfl_weights(n, np.array([m.val_loss for m in metas]), np.array([m.staleness for m in metas]),
-                            self.beta, self.temperature, noise, self.dynamic)
+        return dwfl_weights(branch_cases(metas, branch), np.array([m.val_loss for m in metas]),
+                            np.array([m.staleness for m in metas]), beta, temperature, noise, dynamic)
 
-    def mean_update(self, global_params: Params, source: UpdateSource, branch_of: BranchOf) -> tuple[Params, AggregationResult]:
-        """Two streaming passes: (1) validate, measure norms, read metadata; (2) accumulate the
-        weighted, clipped deltas. Returns the aggregated delta and the bookkeeping."""
-        metas, norms, rejected = [], {}, []
-        for update in source():
-            reason = _check(update.delta, global_params)
-            if reason is None and update.meta.n <= 0:
-                reason = "no training cases (n <= 0)"
-            if reason is None and not np.isfinite(update.meta.val_loss):
-                reason = "validation loss is not finite"
-            if reason is None and update.meta.client in norms:
-                reason = "second update from the same client in one round"
-            if reason:
-                rejected.append((update.meta.client, reason))
-                continue
-            metas.append(update.meta)
-            norms[update.meta.client] = _norm(update.delta)
-        bound = self.clip_factor * float(np.median(list(norms.values()))) if norms and self.clip_factor > 0 else 0.0
-        branches = {None, *self.modalities}
-        weights = {b: self.client_weights(metas, b) for b in branches} if metas else {}
-        index = {m.client: i for i, m in enumerate(metas)}
-        total = {k: np.zeros(v.shape, dtype=np.float64) for k, v in global_params.items()}
-        for update in source():
-            i = index.get(update.meta.client)
-            if i is None or _check(update.delta, global_params) is not None:
-                continue
-            scale = clip_scale(norms[update.meta.client], bound)
-            for name, arr in update.delta.items():
-                branch = branch_of(name)
-                total[name] += weights[branch if branch in branches else None][i] * scale * arr
-            index.pop(update.meta.client)  # a replayed update in the stream is counted once
+    def mean_update(self, global_params: Params, updates: Sequence[ClientUpdate],
+                    branch_of: BranchOf = shared) -> tuple[Params, AggregationResult]:
+        """The weighted, clipped mean delta and its bookkeeping. Weights and the clip bound come from
+        what is known upfront; each delta is loaded once. An update that cannot be loaded (or does
+        not fit the model) is rejected with its reason and the sum is made again without it: the
+        weights of the others depend on who takes part."""
+        kept, rejected = screen(updates)
+        while True:
+            metas = [u.meta for u in kept]
+            bound = clip_bound([u.norm for u in kept], self.clip_factor)
+            weights = {b: self.client_weights(metas, b) for b in (None, *MODALITIES)} if kept else {}
+            try:
+                total = weighted_sum(global_params, kept, weights, bound, branch_of) if kept else \
+                    {k: np.zeros(v.shape, dtype=np.float64) for k, v in global_params.items()}
+                break
+            except _Unusable as bad:
+                rejected.append((bad.client, bad.reason))
+                kept = [u for u in kept if u.meta.client != bad.client]
         result = AggregationResult(
             params={},
             weights={(b or "shared"): {m.client: round(float(w[i]), 6) for i, m in enumerate(metas)} for b, w in weights.items()},
             accepted=[m.client for m in metas],
             rejected=rejected,
             clip_bound=bound,
-            norms=norms,
+            norms={u.meta.client: u.norm for u in kept},
         )
         return total, result
 
-    def aggregate(self, global_params: Params, source: UpdateSource, branch_of: BranchOf = lambda name: None) -> AggregationResult:
-        delta, result = self.mean_update(global_params, source, branch_of)
-        result.params = {k: (v + self.server_lr * delta[k]).astype(v.dtype) for k, v in global_params.items()}
+    def aggregate(self, global_params: Params, updates: Sequence[ClientUpdate], branch_of: BranchOf = shared) -> AggregationResult:
+        delta, result = self.mean_update(global_params, updates, branch_of)
+        result.params = self.step(global_params, delta)
         return result
 
 
-def FedAvg(**kwargs) -> DWFL:  # noqa: N802 - a strategy constructor, named like the others
-    """FedAvg (McMahan et al.): weights by data share only."""
-    return DWFL(beta=0.0, **kwargs)
+@dataclass(kw_only=True)
+class DWFL(Strategy):
+    """Dynamic-weight aggregation (DESIGN §4)."""
+
+    name: ClassVar[str] = "dwfl"
+    beta: float = 0.3
+    temperature: float = 1.0
+    dynamic: str = "loss"  # see dynamic_shares
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_range("beta", self.beta, 0.0, 1.0)
+        _check_range("temperature", self.temperature, 0.0, open_low=True)
+        if self.dynamic not in DYNAMIC_TERMS:
+            raise BadInput(f"dynamic = {self.dynamic!r}: choose one of {', '.join(DYNAMIC_TERMS)}")
+
+    def client_weights(self, metas: Sequence[UpdateMeta], branch: str | None) -> np.ndarray:
+        return self._weights(metas, branch, beta=self.beta, temperature=self.temperature, dynamic=self.dynamic)
 
 
-@dataclass
-class FedProx(DWFL):
-    """FedProx (Li et al.): server side is FedAvg; clients add (mu/2)||theta - theta_t||^2 locally."""
+@dataclass(kw_only=True)
+class FedAvg(Strategy):
+    """FedAvg (McMahan et al.): weights by data share only, with the same clipping, staleness
+    discount and validation as DW-FL."""
 
-    beta: float = 0.0
+    name: ClassVar[str] = "fedavg"
+
+
+@dataclass(kw_only=True)
+class FedProx(FedAvg):
+    """FedProx (Li et al.): FedAvg on the server; clients add (mu/2)||theta - theta_t||^2 locally."""
+
+    name: ClassVar[str] = "fedprox"
     mu: float = 0.01
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_range("mu", self.mu, 0.0)
 
-@dataclass
-class FedAvgM(DWFL):
+    def client_config(self) -> ClientConfig:
+        return ClientConfig(proximal_mu=self.mu)
+
+
+@dataclass(kw_only=True)
+class FedAvgM(FedAvg):
     """FedAvgM (Hsu et al.): FedAvg with server momentum, v <- m v + Delta, theta <- theta + eta v."""
 
-    beta: float = 0.0
+    name: ClassVar[str] = "fedavgm"
     momentum: float = 0.9
-    velocity: Params | None = None
+    velocity: Params | None = field(default=None, repr=False)
 
-    def aggregate(self, global_params: Params, source: UpdateSource, branch_of: BranchOf = lambda name: None) -> AggregationResult:
-        delta, result = self.mean_update(global_params, source, branch_of)
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_range("momentum", self.momentum, 0.0, 1.0, open_high=True)
+
+    def step(self, global_params: Params, mean_delta: Params) -> Params:
         if self.velocity is None:
             self.velocity = {k: np.zeros_like(v, dtype=np.float64) for k, v in global_params.items()}
         for k in global_params:
-            self.velocity[k] = self.momentum * self.velocity[k] + delta[k]
-        result.params = {k: (v + self.server_lr * self.velocity[k]).astype(v.dtype) for k, v in global_params.items()}
-        return result
+            self.velocity[k] = momentum_step(self.velocity[k], mean_delta[k], self.momentum)
+        return {k: (v + self.server_lr * self.velocity[k]).astype(v.dtype) for k, v in global_params.items()}
+
+    def state_dict(self) -> Params:
+        return {f"velocity/{k}": v for k, v in (self.velocity or {}).items()}
+
+    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+        unknown = [k for k in state if not k.startswith("velocity/")]
+        if unknown:
+            raise BadInput(f"strategy 'fedavgm': unknown state entries {unknown[:3]}")
+        self.velocity = {k[len("velocity/"):]: np.asarray(v, dtype=np.float64) for k, v in state.items()} or None
 
 
-STRATEGIES: dict[str, Callable[..., DWFL]] = {"dwfl": DWFL, "fedavg": FedAvg, "fedprox": FedProx, "fedavgm": FedAvgM}
+def momentum_step(velocity: np.ndarray, delta: np.ndarray, momentum: float) -> np.ndarray:
+    return momentum * velocity + delta
 
 
-def from_list(updates: list[ClientUpdate]) -> UpdateSource:
-    """A source over updates already in memory (simulation, tests)."""
-    return lambda: iter(updates)
+STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (DWFL, FedAvg, FedProx, FedAvgM)}
+
+
+def in_memory(updates: Sequence[tuple[UpdateMeta, Params]]) -> list[ClientUpdate]:
+    """Updates already in memory (simulation, tests)."""
+    return [ClientUpdate.in_memory(meta, delta) for meta, delta in updates]

@@ -24,6 +24,7 @@ from edge_runtime.bundle import MANIFEST, canonical_json
 from edge_runtime.sync import protocol
 
 from . import rounds
+from .logs import RequestId
 from .service import Refusal, Server
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ def refuse(status: int, reason: str) -> JSONResponse:
 
 def create_app(srv: Server, tick_seconds: float = 2.0) -> FastAPI:
     app = FastAPI(title="dwfl-edge aggregation server", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(RequestId)
     stop, wake = threading.Event(), threading.Event()
 
     def loop() -> None:
@@ -76,12 +78,12 @@ def create_app(srv: Server, tick_seconds: float = 2.0) -> FastAPI:
             if stop.is_set():
                 return
             try:
-                rounds.tick(srv)
+                rounds.tick(srv)  # a round that cannot be aggregated is closed as failed there, not retried here
                 if time.monotonic() - forgot >= tick_seconds:
                     srv.forget_old_nonces()
                     forgot = time.monotonic()
-            except Exception as exc:  # noqa: BLE001 - keep serving; the next tick retries
-                print(f"tick failed: {exc!r}", flush=True)
+            except Exception:  # noqa: BLE001 - the database is unreachable, say: keep serving, log it
+                log.exception("round check failed")
 
     @app.on_event("startup")
     def _start() -> None:
@@ -143,7 +145,9 @@ def create_app(srv: Server, tick_seconds: float = 2.0) -> FastAPI:
         return bytes(body)
 
     @app.exception_handler(Refusal)
-    async def _refusal(_request: Request, exc: Refusal) -> JSONResponse:
+    async def _refusal(request: Request, exc: Refusal) -> JSONResponse:
+        log.info("refused %s %s: %d %s", request.method, request.url.path, exc.status, exc.reason,
+                 extra={"clinic": (request.headers.get(protocol.H_CLINIC) or "-")[:64]})
         resp = refuse(exc.status, exc.reason)
         if exc.status == 408:  # a sender that slow is not waited for again on this connection
             resp.headers["Connection"] = "close"

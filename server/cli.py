@@ -75,14 +75,18 @@ def token(home: Path | None, db_url: str | None, clinic: str) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8443, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--tick", default=2.0, show_default=True, type=click.FloatRange(0.05, 3600), help="Seconds between round checks.")
+@click.option("--log-level", default="INFO", show_default=True, type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]),
+              help="Server log records (stderr, one line each: request id, clinic, round).")
 @handle_errors
-def serve(home: Path | None, db_url: str | None, host: str, port: int, tick: float) -> None:
+def serve(home: Path | None, db_url: str | None, host: str, port: int, tick: float, log_level: str) -> None:
     """Serve the sync API (put TLS in front in production: a reverse proxy)."""
     import uvicorn
 
     from .app import create_app
+    from .logs import configure
     from .malloc import limit_arenas
 
+    configure(log_level)
     limit_arenas()  # before the server's threads exist
     srv = open_server(home, db_url)
     app = create_app(srv, tick)
@@ -122,10 +126,14 @@ def rounds_cmd(home: Path | None, db_url: str | None, close_due: bool, as_json: 
     for r in report:
         click.echo(f"round {r['id']}  base v{r['base_version']}  {r['state']:<11} updates {r['n_updates']}/{r['min_clients']}"
                    + (f"  -> v{r['result_version']}" if r["result_version"] else ""))
-        weights = ((r.get("report") or {}).get("weights") or {}).get("shared", {})
+        rep = r.get("report") or {}
+        if rep.get("error"):
+            click.echo(f"  not aggregated: {rep['error']}")
+        weights, rejected = (rep.get("weights") or {}).get("shared", {}), dict(rep.get("rejected") or [])
         for a in r["arrivals"]:
             w = weights.get(a["clinic"])
-            click.echo(f"  {a['clinic']:<24} n={a['n']:<6} staleness {a['staleness']}" + (f"  weight {w:.4f}" if w is not None else ""))
+            click.echo(f"  {a['clinic']:<24} n={a['n']:<6} staleness {a['staleness']}" + (f"  weight {w:.4f}" if w is not None else "")
+                       + (f"  rejected: {rejected[a['clinic']]}" if a["clinic"] in rejected else ""))
         for d in r.get("dropped", []):
             click.echo(f"  {d['clinic']:<24} dropped {d['update_id']} ({d['reason']}, by {d['dropped_by']})")
 

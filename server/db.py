@@ -66,7 +66,7 @@ rounds = Table(
     "rounds", metadata,
     Column("id", Integer, primary_key=True, autoincrement=False),
     Column("base_version", Integer, ForeignKey("versions.version"), nullable=False),
-    Column("state", String(16), nullable=False),  # open | aggregating | closed
+    Column("state", String(16), nullable=False),  # open | aggregating | closed | failed (report["error"])
     Column("opened_at", Float, nullable=False),
     Column("deadline", Float, nullable=False),
     Column("min_clients", Integer, nullable=False),

@@ -50,9 +50,15 @@ class Config:
     max_connections: int = 256  # beyond: 503 (uvicorn's limit_concurrency)
 
     @classmethod
-    def from_dict(cls, doc: dict) -> "Config":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in doc.items() if k in names})
+    def from_dict(cls, doc: dict, where: str = "configuration") -> "Config":
+        """Unknown keys are refused: a misspelt setting silently ignored runs the server with the default."""
+        if not isinstance(doc, dict):
+            raise BadInput(f"{where}: configuration is not a JSON object")
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(doc) - set(names))
+        if unknown:
+            raise BadInput(f"{where}: unknown configuration key(s) {', '.join(map(repr, unknown))} (known: {', '.join(names)})")
+        return cls(**doc)
 
 
 class Home:
@@ -86,8 +92,12 @@ class Home:
         if not self.config_path.exists():
             raise BadInput(f"{self.root}: not a server folder (run `edge-server init --home {self.root}` first)")
         try:
-            return Config.from_dict(json.loads(self.config_path.read_text()))
-        except (OSError, ValueError, TypeError) as exc:
+            doc = json.loads(self.config_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise BadInput(f"{self.config_path}: unreadable configuration ({exc})") from exc
+        try:
+            return Config.from_dict(doc, str(self.config_path))
+        except TypeError as exc:
             raise BadInput(f"{self.config_path}: unreadable configuration ({exc})") from exc
 
     def db_url(self, override: str | None = None) -> str:

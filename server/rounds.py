@@ -1,5 +1,5 @@
 """Closing rounds and aggregating them (DESIGN §4, §8): math in federation.aggregation, here only
-the claim, the streaming source over stored blobs and the publication of the new signed version.
+the claim, the stored updates as aggregation takes them and the publication of the new signed version.
 
 A round closes when ``min_clients`` updates arrived or its deadline passed (with at least one
 update). Exactly one process aggregates it: the one whose atomic
@@ -8,6 +8,10 @@ killed while aggregating leaves the claim; after ``lease_seconds`` another takes
 version, the round's closing and the next round are one transaction: a round aggregates once. That
 transaction re-reads which updates count (a clinic revoked meanwhile has its update dropped, see
 ``Server.revoke``); if they changed, nothing is published and the round goes back to open.
+
+Each update is opened once (its norm and metadata were stored when it arrived); one that cannot be
+opened is rejected with the reason in the round's report. A round that cannot be aggregated at all
+is closed as ``failed`` with the reason and the next round opens on the same version.
 """
 
 from __future__ import annotations
@@ -21,14 +25,17 @@ import uuid
 
 import numpy as np
 from sqlalchemy import and_, or_, select, update
+from sqlalchemy.exc import DBAPIError
 
 from edge_runtime import MODALITIES
-from federation.aggregation import DWFL, ClientUpdate, UpdateMeta
+from edge_runtime.sync import update as codec
+from federation.aggregation import ClientUpdate, UpdateMeta, l2_norm
 
 from . import db
 from .service import Server
 
 log = logging.getLogger(__name__)
+
 WORKER_ID = f"{socket.gethostname()[:30]}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
@@ -61,23 +68,56 @@ def claim(srv: Server, round_id: int) -> bool:
     return n == 1
 
 
-def aggregate_round(srv: Server, round_id: int, crash_after_blobs: bool = False) -> int | None:
-    """Aggregate a claimed round and publish the result; returns the new version (None: lost the claim)."""
+def counted(round_id: int):
+    """The updates that count in a round: stored in it, from a clinic not revoked; with the base
+    version each was trained on (the HPKE binding). One query for the whole round, none per row."""
+    u, r = db.updates.c, db.rounds.c
+    return (select(db.updates, r.base_version.label("sent_base"))
+            .join(db.rounds, r.id == u.sent_round).join(db.clinics, u.clinic == db.clinics.c.name)
+            .where(u.round == round_id, db.clinics.c.revoked_at.is_(None)).order_by(u.update_id))
+
+
+def stored_updates(srv: Server, rows) -> list[ClientUpdate]:
+    """The round's updates as aggregation takes them: metadata and norm from the rows (computed on
+    arrival), each delta opened by its ``load()``."""
+    return [_stored(srv, row) for row in rows]
+
+
+def _stored(srv: Server, row) -> ClientUpdate:
+    summary = codec.Summary.from_dict(row.meta)
+
+    def load() -> dict:
+        return srv.stored_delta(blob_sha256=row.blob_sha256, clinic=row.clinic, sent_round=row.sent_round,
+                                sent_base=row.sent_base, update_id=row.update_id, kem=row.kem)
+
+    meta = UpdateMeta(client=row.clinic, n=summary.n, val_loss=summary.val_loss, modality_fraction=summary.modality_fraction,
+                      staleness=int(row.staleness), noise_multiplier=summary.noise_multiplier)
+    if "norm" not in row.meta:  # stored before the norm was computed on arrival: measured here, once
+        try:
+            return ClientUpdate(meta, l2_norm(load()), load)
+        except Exception as exc:  # noqa: BLE001 - rejected at aggregation with this reason
+            return ClientUpdate(meta, 0.0, _failing(exc))
+    return ClientUpdate(meta, summary.norm, load)
+
+
+def _failing(exc: Exception):
+    def load() -> dict:
+        raise exc
+    return load
+
+
+def aggregate_round(srv: Server, round_id: int) -> int | None:
+    """Aggregate a claimed round and publish the result; returns the new version (None: lost the claim).
+    An update that cannot be opened is rejected with its reason (in the round's report)."""
     with srv.engine.connect() as conn:
         rnd = conn.execute(select(db.rounds).where(db.rounds.c.id == round_id)).one()
         rows = conn.execute(counted(round_id)).all()
     base = srv.manifest(rnd.base_version)
     global_params = srv.head_params(rnd.base_version)
-
-    def source():
-        for row in rows:  # one sealed blob at a time: memory O(model)
-            meta, delta = srv.read_update(row)
-            yield ClientUpdate(UpdateMeta(client=row.clinic, n=int(meta["n"]), val_loss=float(meta["val_loss"]),
-                                          modality_fraction=meta["modality_fraction"], staleness=int(row.staleness),
-                                          noise_multiplier=float(meta["noise_multiplier"])), delta)
-
     t0 = time.perf_counter()
-    result = DWFL(beta=srv.config.beta).aggregate(global_params, source, branch_of)
+    result = srv.strategy.aggregate(global_params, stored_updates(srv, rows), branch_of)
+    for clinic, reason in result.rejected:
+        log.warning("update rejected at aggregation: %s", reason, extra={"clinic": clinic, "round": round_id})
     buf = io.BytesIO()
     np.savez(buf, **{k: np.asarray(v, dtype=np.float32) for k, v in result.params.items()})
     report = {"accepted": result.accepted, "rejected": [list(x) for x in result.rejected], "weights": result.weights,
@@ -92,8 +132,6 @@ def aggregate_round(srv: Server, round_id: int, crash_after_blobs: bool = False)
     body["model_version"] = f"{root_version}+fl.r{round_id}"
     body["federation"] = {"root_model_version": root_version, "round": round_id, "base_version": rnd.base_version,
                           "clients": result.accepted, "weights": result.weights.get("shared", {})}
-    if crash_after_blobs:
-        os._exit(9)
     try:
         with srv.engine.begin() as conn:
             n = conn.execute(update(db.rounds).where(db.rounds.c.id == round_id, db.rounds.c.state == "aggregating",
@@ -107,6 +145,7 @@ def aggregate_round(srv: Server, round_id: int, crash_after_blobs: bool = False)
             conn.execute(update(db.rounds).where(db.rounds.c.id == round_id).values(result_version=version))
             srv.open_round(conn, version)
     except _LostClaim:
+        log.warning("lost the claim on the round to another process", extra={"round": round_id})
         return None
     except _Recount:
         r = db.rounds.c
@@ -116,20 +155,31 @@ def aggregate_round(srv: Server, round_id: int, crash_after_blobs: bool = False)
         log.warning("round %d: an update was dropped while it was being aggregated (clinic revoked); it will be aggregated again",
                     round_id)
         return None
+    log.info("aggregated %d update(s) into version %d (%d rejected, %.2f s)", len(result.accepted), version,
+             len(result.rejected), report["seconds"], extra={"round": round_id})
     return version
-
-
-def counted(round_id: int):
-    """The updates that count in a round: stored in it, from a clinic not revoked."""
-    u = db.updates.c
-    return (select(db.updates).join(db.clinics, u.clinic == db.clinics.c.name)
-            .where(u.round == round_id, db.clinics.c.revoked_at.is_(None)).order_by(u.update_id))
 
 
 class _LostClaim(Exception):
     pass
 
 
+def fail_round(srv: Server, round_id: int, reason: str) -> None:
+    """Close a round that cannot be aggregated at all, with the reason, and open the next one on the same
+    base version: the federation goes on instead of retrying the same round at every tick."""
+    with srv.engine.begin() as conn:
+        rnd = conn.execute(select(db.rounds).where(db.rounds.c.id == round_id)).one()
+        n = conn.execute(update(db.rounds).where(db.rounds.c.id == round_id, db.rounds.c.state == "aggregating",
+                                                 db.rounds.c.claimed_by == WORKER_ID)
+                         .values(state="failed", closed_at=db.now(), report={"error": reason, "aggregated_by": WORKER_ID})).rowcount
+        if n == 1:
+            srv.open_round(conn, rnd.base_version)
+
+
+def tick(srv: Server) -> list[int]:
+    """Close and aggregate every round that is due and that this process wins; the new versions. A
+    database error leaves the claim for the lease to hand on (a later try); any other error fails the
+    round with its reason."""
 class _Recount(Exception):
     pass
 
@@ -138,8 +188,17 @@ def tick(srv: Server, crash_after_blobs: bool = False) -> list[int]:
     """Close and aggregate every round that is due and that this process wins; the new versions."""
     out = []
     for rid in due_rounds(srv):
-        if claim(srv, rid):
-            v = aggregate_round(srv, rid, crash_after_blobs)
-            if v is not None:
-                out.append(v)
+        if not claim(srv, rid):
+            continue
+        try:
+            v = aggregate_round(srv, rid)
+        except DBAPIError:
+            log.exception("database error while aggregating; the claim lapses after the lease", extra={"round": rid})
+            continue
+        except Exception as exc:  # noqa: BLE001 - recorded on the round, never retried in a loop
+            log.exception("round cannot be aggregated; closed as failed", extra={"round": rid})
+            fail_round(srv, rid, f"{type(exc).__name__}: {exc}")
+            continue
+        if v is not None:
+            out.append(v)
     return out

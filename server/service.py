@@ -10,29 +10,30 @@ import base64
 import hashlib
 import io
 import json
+import logging
 import secrets
-import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from edge_runtime import MODALITIES
 from edge_runtime.bundle import load_bundle, sign_manifest
 from edge_runtime.errors import BadInput
 from edge_runtime.keys import key_id
 from edge_runtime.sync import protocol
-from edge_runtime.sync.hpke import SealError, open_sealed
+from edge_runtime.sync import update as codec
+from edge_runtime.sync.hpke import SealError
+from federation.aggregation import DWFL
 
 from . import db
 from .blobs import BlobStore
 from .home import Config, Home
 
-
+log = logging.getLogger(__name__)
 HEADS_CACHED = 4
 
 
@@ -74,6 +75,9 @@ class Server:
         self.hpke = home.hpke()
         self.hpke_public = self.hpke.public()
         self._heads: dict[int, dict[str, np.ndarray]] = {}
+        # built at start so that a setting out of range is refused before serving; DW-FL keeps no
+        # server state (a strategy that does would be saved with each version it makes)
+        self.strategy = DWFL(beta=self.config.beta)
 
     # ------------------------------------------------------------ enrollment
 
@@ -318,10 +322,10 @@ class Server:
             if conn.execute(select(db.updates.c.update_id).where(db.updates.c.clinic == clinic, db.updates.c.round == cur["id"])).first():
                 raise Refusal(409, f"clinic {clinic!r} already sent an update for round {cur['id']}")
         try:
-            plain = open_sealed(sealed, self.hpke, env.info(), env.kem)
+            plain = codec.open_envelope(env, self.hpke)
         except SealError as exc:
             raise Refusal(422, str(exc)) from exc
-        meta = self.check_update(plain, env)
+        summary = self.check_update(plain, env)
         sha = self.blobs.put(sealed)  # content-addressed: a blob without a row is harmless
         try:
             with self.engine.begin() as conn:
@@ -329,64 +333,39 @@ class Server:
                                  .values(n_updates=db.rounds.c.n_updates + 1)).rowcount
                 if n != 1:
                     raise Refusal(503, f"round {cur['id']} closed meanwhile; retry shortly")
+                # Revoked after this request was authenticated? The round row is locked now, as revoke
+                # locks it before dropping updates: whichever commits second sees the other.
+                if conn.execute(select(db.clinics.c.revoked_at).where(db.clinics.c.name == clinic)).scalar_one() is not None:
+                    raise Refusal(403, f"clinic {clinic!r} is revoked")
                 conn.execute(insert(db.updates).values(
                     update_id=env.update_id, clinic=clinic, round=cur["id"], sent_round=env.round, staleness=staleness,
-                    kem=env.kem, blob_sha256=sha, meta=meta, received_at=db.now()))
+                    kem=env.kem, blob_sha256=sha, meta=summary.to_dict(), received_at=db.now()))
         except IntegrityError:
             with self.engine.connect() as conn:
                 dup = conn.execute(select(db.updates).where(db.updates.c.update_id == env.update_id)).first()
             if dup is not None and dup.clinic == clinic:
                 return Accepted("already have it", env.update_id, dup.round, dup.staleness)
             raise Refusal(409, f"clinic {clinic!r} already sent an update for round {cur['id']}") from None
+        log.info("stored update %s (staleness %d)", env.update_id, staleness, extra={"clinic": clinic, "round": cur["id"]})
         return Accepted("stored", env.update_id, cur["id"], staleness)
 
-    def check_update(self, plain: bytes, env: protocol.Envelope) -> dict:
-        """Decode and validate the opened update: names, shapes, finite values, metadata."""
+    def check_update(self, plain: bytes, env: protocol.Envelope) -> codec.Summary:
+        """Decode and validate the opened update against the head it was trained on: names, shapes,
+        finite values, metadata; the summary aggregation needs (norm included), computed once here."""
         reference = self.head_params(env.base_version)
-        limit = 4 * sum(v.nbytes for v in reference.values()) + 2**16
         try:
-            with zipfile.ZipFile(io.BytesIO(plain)) as zf:
-                if sum(i.file_size for i in zf.infolist()) > limit:
-                    raise Refusal(422, "update is larger than the model it claims to change")
-            with np.load(io.BytesIO(plain), allow_pickle=False) as z:
-                meta = json.loads(bytes(z["meta.json"]).decode())
-                delta = {k[len("delta/"):]: z[k] for k in z.files if k.startswith("delta/")}
-        except Refusal:
-            raise
-        except Exception as exc:  # noqa: BLE001 - anything unreadable is refused, whatever numpy raised
-            raise Refusal(422, f"update is not a readable .npz with meta.json ({type(exc).__name__})") from None
-        if set(delta) != set(reference):
-            raise Refusal(422, f"update parameter names differ from the model's ({sorted(set(delta) ^ set(reference))[:3]})")
-        for name, ref in reference.items():
-            arr = delta[name]
-            if not isinstance(arr, np.ndarray):  # an npz member not named .npy loads as raw bytes
-                raise Refusal(422, f"{name}: not an array")
-            if arr.shape != ref.shape:
-                raise Refusal(422, f"wrong shape for {name}: {arr.shape} != {ref.shape}")
-            if arr.dtype.kind != "f" or not np.all(np.isfinite(arr)):
-                raise Refusal(422, f"{name}: non-finite or non-float values")
-        try:
-            n, loss = int(meta["n"]), float(meta["val_loss"])
-            fractions = {m: float(meta.get("modality_fraction", {}).get(m, 0.0)) for m in MODALITIES}
-            sigma = float(meta.get("noise_multiplier", 0.0))
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise Refusal(422, f"update metadata is malformed ({exc!r})") from None
-        if not (0 < n <= 10**9) or not np.isfinite(loss) or loss < 0 or not np.isfinite(sigma) or sigma < 0 \
-                or not all(0.0 <= f <= 1.0 for f in fractions.values()):
-            raise Refusal(422, "update metadata out of range (n > 0, finite loss >= 0, fractions in [0, 1], sigma >= 0)")
-        if meta.get("update_id", env.update_id) != env.update_id:
-            raise Refusal(422, "update id inside the sealed update differs from the envelope's")
-        return {"n": n, "val_loss": loss, "modality_fraction": fractions, "noise_multiplier": sigma,
-                "sha256_plain": hashlib.sha256(plain).hexdigest()}
+            summary = codec.validate(codec.decode(plain, codec.size_limit(reference)), reference, env.update_id)
+        except codec.UpdateError as exc:
+            raise Refusal(422, str(exc)) from None
+        return replace(summary, sha256_plain=hashlib.sha256(plain).hexdigest())
 
-    def read_update(self, row) -> tuple[dict, dict[str, np.ndarray]]:
-        sealed = self.blobs.get(row.blob_sha256)
-        with self.engine.connect() as conn:
-            sent = conn.execute(select(db.rounds.c.base_version).where(db.rounds.c.id == row.sent_round)).scalar_one()
-        info = protocol.Envelope(row.update_id, row.clinic, row.sent_round, sent, row.kem, "", "").info()
-        plain = open_sealed(sealed, self.hpke, info, row.kem)
-        with np.load(io.BytesIO(plain), allow_pickle=False) as z:
-            return row.meta, {k[len("delta/"):]: np.asarray(z[k], dtype=np.float32) for k in z.files if k.startswith("delta/")}
+    def stored_delta(self, *, blob_sha256: str, clinic: str, sent_round: int, sent_base: int, update_id: str,
+                     kem: str) -> dict[str, np.ndarray]:
+        """Open a stored update (the sealed blob as received) once more, for aggregation. The AEAD
+        authenticates the plaintext: it is the update validated on arrival, or it does not open."""
+        plain = codec.unseal(self.blobs.get(blob_sha256), self.hpke, clinic=clinic, round_id=sent_round,
+                             base_version=sent_base, update_id=update_id, kem=kem)
+        return {k: np.asarray(v, dtype=np.float32) for k, v in codec.decode(plain).delta.items()}
 
     def rounds_report(self) -> list[dict]:
         with self.engine.connect() as conn:
@@ -399,5 +378,4 @@ class Server:
                 r["dropped"] = [{"update_id": x.update_id, "clinic": x.clinic, "reason": x.reason, "dropped_by": x.dropped_by,
                                  "dropped_at": x.dropped_at}
                                 for x in conn.execute(select(db.dropped_updates).where(d.round == r["id"]).order_by(d.dropped_at, d.update_id))]
-            counts = conn.execute(select(func.count()).select_from(db.updates)).scalar_one()
-        return rs if counts is not None else rs
+        return rs

@@ -12,6 +12,8 @@ the operation in progress (``swap``, ``finetune``, ``upload`` on a clinic; ``upl
                           exactly what `kill -9` does
     DWFL_FULL_AT=K        the disk fills up at step K, an os.write: half of its bytes are written,
                           then it raises ENOSPC (what a full disk does to a write)
+    DWFL_CRASH_AT=LABEL   a named crash point: SIGKILL at the first step whose label starts with
+                          LABEL (e.g. ``publish:rename-done:``: the new version's first blob is on disk)
 
 Nothing here is imported by the product; the wrapped functions are the real ones, called unchanged.
 """
@@ -24,7 +26,7 @@ import os
 import signal
 from pathlib import Path
 
-_state = {"n": 0, "phase": "start", "at": 0, "full": 0, "log": None}
+_state = {"n": 0, "phase": "start", "at": 0, "at_label": "", "full": 0, "log": None}
 
 
 def step(kind: str, detail: str = "") -> None:
@@ -33,7 +35,7 @@ def step(kind: str, detail: str = "") -> None:
     if _state["log"] is not None:
         _state["log"].write(label + "\n")
         _state["log"].flush()
-    if _state["n"] == _state["at"]:
+    if _state["n"] == _state["at"] or (_state["at_label"] and label.startswith(_state["at_label"])):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -93,6 +95,8 @@ def arm(role: str) -> None:
     """Install the wrappers for a ``clinic`` (edge-run) or ``server`` (edge-server) process."""
     _state["at"] = int(os.environ.get("DWFL_CRASH_AT", "0"))
     _state["full"] = int(os.environ.get("DWFL_FULL_AT", "0"))
+    at = os.environ.get("DWFL_CRASH_AT", "0")
+    _state["at"], _state["at_label"] = (int(at), "") if at.isdigit() else (0, at)
     if os.environ.get("DWFL_CRASH_LOG"):
         _state["log"] = open(os.environ["DWFL_CRASH_LOG"], "a")  # noqa: SIM115 - lives as long as the process
 
@@ -119,7 +123,7 @@ def arm(role: str) -> None:
         client.Client.upload_pending = in_phase("upload")(client.Client.upload_pending)
         run.finetune = in_phase("finetune")(run.finetune)
     elif role == "server":
-        from federation.aggregation import DWFL
+        from federation.aggregation import Strategy
         from server import rounds
         from server.blobs import BlobStore
 
@@ -127,6 +131,6 @@ def arm(role: str) -> None:
         BlobStore.get = _around("blob-read")(BlobStore.get)
         rounds.claim = in_phase("aggregate")(rounds.claim)
         rounds.aggregate_round = in_phase("aggregate")(rounds.aggregate_round)
-        DWFL.aggregate = then_phase("publish")(DWFL.aggregate)  # new blobs, then one transaction
+        Strategy.aggregate = then_phase("publish")(Strategy.aggregate)  # new blobs, then one transaction
     else:
         raise ValueError(role)

@@ -1,5 +1,5 @@
 """Helpers for the server tests: a real `edge-server serve` (uvicorn) on 127.0.0.1 in a subprocess,
-a throwaway PostgreSQL when one is available, and updates written by the clinic's own writer."""
+a throwaway PostgreSQL when one is available, and updates written by the update codec."""
 
 from __future__ import annotations
 

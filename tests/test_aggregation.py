@@ -1,11 +1,14 @@
-"""DW-FL and baselines: the formula of DESIGN §4 checked by hand, and the streaming, rejection,
-clipping and branch rules."""
+"""DW-FL and baselines: the formula of DESIGN §4 checked by hand, the one-load-per-update,
+rejection, clipping and branch rules, and the strategies' interface (constructors, client
+configuration, server state)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from edge_runtime import MODALITIES
+from edge_runtime.errors import BadInput
 from federation.aggregation import (
     DWFL,
     ClientUpdate,
@@ -16,7 +19,7 @@ from federation.aggregation import (
     data_shares,
     dwfl_weights,
     dynamic_shares,
-    from_list,
+    l2_norm,
     staleness_discount,
 )
 
@@ -27,9 +30,13 @@ def branch_of(name: str):
     return "ct" if name.startswith("enc.ct") else None
 
 
-def update(client, n, loss, value, staleness=0, r_ct=1.0, **meta):
-    delta = {"enc.ct.w": np.full((2, 2), value, np.float32), "head.w": np.full(3, value, np.float32)}
-    return ClientUpdate(UpdateMeta(client, n, loss, {"ct": r_ct}, staleness, **meta), delta)
+def delta_of(value):
+    return {"enc.ct.w": np.full((2, 2), value, np.float32), "head.w": np.full(3, value, np.float32)}
+
+
+def update(client, n, loss, value, staleness=0, r_ct=1.0, delta=None, **meta):
+    return ClientUpdate.in_memory(UpdateMeta(client, n, loss, {"ct": r_ct}, staleness, **meta),
+                                  delta_of(value) if delta is None else delta)
 
 
 def test_weight_formula_by_hand():
@@ -56,7 +63,7 @@ def test_temperature_flattens_the_dynamic_term():
 
 def test_aggregate_matches_manual_weighted_mean():
     ups = [update("a", 100, 0.2, 1.0), update("b", 300, 0.9, 3.0)]
-    result = DWFL(clip_factor=0).aggregate(GLOBAL, from_list(ups), branch_of)
+    result = DWFL(clip_factor=0).aggregate(GLOBAL, ups, branch_of)
     w = dwfl_weights(np.array([100, 300]), np.array([0.2, 0.9]), np.zeros(2))
     assert np.allclose(result.params["head.w"], w[0] * 1.0 + w[1] * 3.0)
     assert result.accepted == ["a", "b"] and result.rejected == []
@@ -66,21 +73,20 @@ def test_aggregate_matches_manual_weighted_mean():
 def test_modality_branch_uses_n_times_fraction():
     # Client b has no CT: it must not move the CT branch, but it does move the shared head.
     ups = [update("a", 100, 0.5, 1.0, r_ct=1.0), update("b", 100, 0.5, 5.0, r_ct=0.0)]
-    result = FedAvg(clip_factor=0).aggregate(GLOBAL, from_list(ups), branch_of)
+    result = FedAvg(clip_factor=0).aggregate(GLOBAL, ups, branch_of)
     assert np.allclose(result.params["enc.ct.w"], 1.0)
     assert np.allclose(result.params["head.w"], 3.0)
     assert result.weights["ct"] == {"a": 1.0, "b": 0.0}
 
 
 def test_bad_updates_rejected_not_averaged():
-    bad_shape = update("shape", 100, 0.5, 1.0)
-    bad_shape.delta["head.w"] = np.zeros(4, np.float32)
-    nan = update("nan", 100, 0.5, 1.0)
-    nan.delta["enc.ct.w"][0, 0] = np.nan
-    missing = update("missing", 100, 0.5, 1.0)
-    del missing.delta["head.w"]
-    ups = [update("good", 100, 0.5, 2.0), bad_shape, nan, missing, update("empty", 0, 0.5, 9.0), update("good", 100, 0.5, 2.0)]
-    result = DWFL(clip_factor=0).aggregate(GLOBAL, from_list(ups), branch_of)
+    shape, nan, missing = delta_of(1.0), delta_of(1.0), delta_of(1.0)
+    shape["head.w"] = np.zeros(4, np.float32)
+    nan["enc.ct.w"][0, 0] = np.nan
+    del missing["head.w"]
+    ups = [update("good", 100, 0.5, 2.0), update("shape", 100, 0.5, 0, delta=shape), update("nan", 100, 0.5, 0, delta=nan),
+           update("missing", 100, 0.5, 0, delta=missing), update("empty", 0, 0.5, 9.0), update("good", 100, 0.5, 2.0)]
+    result = DWFL(clip_factor=0).aggregate(GLOBAL, ups, branch_of)
     assert result.accepted == ["good"]
     reasons = dict(result.rejected)
     assert "shape" in reasons["shape"] and "non-finite" in reasons["nan"] and "missing" in reasons["missing"]
@@ -90,25 +96,25 @@ def test_bad_updates_rejected_not_averaged():
 
 def test_robust_clipping_bounds_an_outlier():
     ups = [update(f"c{i}", 100, 0.5, 1.0) for i in range(4)] + [update("huge", 100, 0.5, 1000.0)]
-    result = FedAvg().aggregate(GLOBAL, from_list(ups), branch_of)
+    result = FedAvg().aggregate(GLOBAL, ups, branch_of)
     norm_one = np.sqrt(7.0)
     assert result.clip_bound == pytest.approx(3 * norm_one, rel=1e-6)
     # huge is scaled to norm 3*sqrt(7): each of its entries becomes 3.
     assert np.allclose(result.params["head.w"], (4 * 1.0 + 3.0) / 5, atol=1e-5)
-    unclipped = FedAvg(clip_factor=0).aggregate(GLOBAL, from_list(ups), branch_of)
+    unclipped = FedAvg(clip_factor=0).aggregate(GLOBAL, ups, branch_of)
     assert unclipped.params["head.w"][0] > 100
 
 
 def test_staleness_discounts():
     ups = [update("fresh", 100, 0.5, 1.0, staleness=0), update("stale", 100, 0.5, 3.0, staleness=3)]
-    result = FedAvg(clip_factor=0).aggregate(GLOBAL, from_list(ups), branch_of)
+    result = FedAvg(clip_factor=0).aggregate(GLOBAL, ups, branch_of)
     assert result.weights["shared"]["fresh"] == pytest.approx(2 / 3, abs=1e-6)
 
 
 def test_inverse_variance_option():
     ups = [update("quiet", 100, 0.5, 1.0, noise_multiplier=0.0), update("noisy", 100, 0.5, 3.0, noise_multiplier=2.0)]
-    off = FedAvg(clip_factor=0).aggregate(GLOBAL, from_list(ups), branch_of)
-    on = FedAvg(clip_factor=0, inverse_variance=True).aggregate(GLOBAL, from_list(ups), branch_of)
+    off = FedAvg(clip_factor=0).aggregate(GLOBAL, ups, branch_of)
+    on = FedAvg(clip_factor=0, inverse_variance=True).aggregate(GLOBAL, ups, branch_of)
     assert off.weights["shared"]["noisy"] == pytest.approx(0.5)
     assert on.weights["shared"]["noisy"] == pytest.approx(1 / 6, abs=1e-6)  # 0.5/(1+4) against 0.5/1
 
@@ -117,28 +123,42 @@ def test_fedavgm_momentum_accumulates_and_fedprox_is_fedavg_on_the_server():
     strategy = FedAvgM(momentum=0.5, clip_factor=0)
     params = GLOBAL
     for _ in range(2):
-        params = strategy.aggregate(params, from_list([update("a", 1, 0.1, 1.0)]), branch_of).params
+        params = strategy.aggregate(params, [update("a", 1, 0.1, 1.0)], branch_of).params
     assert np.allclose(params["head.w"], 1.0 + 1.5)
-    prox = FedProx(mu=0.1, clip_factor=0).aggregate(GLOBAL, from_list([update("a", 1, 0.1, 2.0)]), branch_of)
+    prox = FedProx(mu=0.1, clip_factor=0).aggregate(GLOBAL, [update("a", 1, 0.1, 2.0)], branch_of)
     assert np.allclose(prox.params["head.w"], 2.0)
 
 
-def test_streaming_source_is_read_twice_one_update_at_a_time():
-    reads = []
+def test_each_update_is_loaded_once():
+    loads = []
 
-    def source():
-        for i in range(3):
-            reads.append(i)
-            yield update(f"c{i}", 10 + i, 0.5, float(i))
+    def loader(i):
+        def load():
+            loads.append(i)
+            return delta_of(float(i))
+        return load
 
-    DWFL().aggregate(GLOBAL, source, branch_of)
-    assert reads == [0, 1, 2, 0, 1, 2]
+    ups = [ClientUpdate(UpdateMeta(f"c{i}", 10 + i, 0.5), l2_norm(delta_of(float(i))), loader(i)) for i in range(3)]
+    DWFL().aggregate(GLOBAL, ups, branch_of)
+    assert loads == [0, 1, 2], "weights and clip bound come from what is known upfront; one load each"
+
+
+def test_update_that_cannot_be_loaded_is_rejected_and_the_rest_aggregate_without_it():
+    def broken():
+        raise OSError("blob 0123… is corrupt")
+
+    good = [update("a", 100, 0.2, 1.0), update("b", 300, 0.9, 3.0)]
+    ups = [good[0], ClientUpdate(UpdateMeta("bad", 500, 1.5), 1.0, broken), good[1]]
+    result = DWFL(clip_factor=0).aggregate(GLOBAL, ups, branch_of)
+    alone = DWFL(clip_factor=0).aggregate(GLOBAL, good, branch_of)
+    assert result.accepted == ["a", "b"] and result.rejected == [("bad", "cannot be opened: blob 0123… is corrupt")]
+    assert result.weights == alone.weights and np.allclose(result.params["head.w"], alone.params["head.w"])
 
 
 def test_all_rejected_leaves_the_model_unchanged():
-    nan = update("nan", 100, 0.5, 1.0)
-    nan.delta["head.w"][:] = np.inf
-    result = DWFL().aggregate(GLOBAL, from_list([nan]), branch_of)
+    inf = delta_of(1.0)
+    inf["head.w"][:] = np.inf
+    result = DWFL().aggregate(GLOBAL, [update("nan", 100, 0.5, 0, delta=inf)], branch_of)
     assert result.accepted == [] and all(np.array_equal(result.params[k], GLOBAL[k]) for k in GLOBAL)
 
 
@@ -146,8 +166,8 @@ def test_permutation_invariance():
     rng = np.random.default_rng(0)
     ups = [update(f"c{i}", int(rng.integers(10, 200)), float(rng.uniform(0.1, 1.5)), float(rng.normal()),
                   staleness=int(rng.integers(0, 3)), r_ct=float(rng.uniform())) for i in range(6)]
-    a = DWFL().aggregate(GLOBAL, from_list(ups), branch_of)
-    b = DWFL().aggregate(GLOBAL, from_list(ups[::-1]), branch_of)
+    a = DWFL().aggregate(GLOBAL, ups, branch_of)
+    b = DWFL().aggregate(GLOBAL, ups[::-1], branch_of)
     for k in GLOBAL:
         assert np.allclose(a.params[k], b.params[k], atol=1e-6)
     for branch in ("shared", "ct"):
@@ -160,12 +180,9 @@ def test_streaming_memory_does_not_grow_with_the_number_of_updates():
 
     big = {"w": np.zeros((256, 256), np.float32)}  # 256 KB per update
 
-    def source(n):
-        def gen():
-            for i in range(n):
-                delta = {"w": np.full((256, 256), i % 7, np.float32)}
-                yield ClientUpdate(UpdateMeta(f"c{i}", 10, 0.5), delta)
-        return gen
+    def source(n):  # each delta made when it is loaded, as the server opens a stored one
+        return [ClientUpdate(UpdateMeta(f"c{i}", 10, 0.5), 256.0 * (i % 7), lambda i=i: {"w": np.full((256, 256), i % 7, np.float32)})
+                for i in range(n)]
 
     peaks = []
     for n in (20, 400):
@@ -187,3 +204,46 @@ def test_relative_dynamic_term_is_scale_free():
     assert not np.allclose(dynamic_shares(losses, 0.5), dynamic_shares(losses * 10, 0.5))
     with pytest.raises(ValueError, match="unknown dynamic term"):
         dynamic_shares(losses, 1.0, "other")
+
+
+def test_strategies_take_keyword_only_range_checked_settings():
+    with pytest.raises(TypeError):
+        DWFL(0.3)  # noqa: keyword-only
+    for make, words in [(lambda: DWFL(beta=1.5), "beta = 1.5"), (lambda: DWFL(temperature=0), "temperature"),
+                        (lambda: DWFL(dynamic="other"), "dynamic"), (lambda: FedProx(mu=-0.1), "mu"),
+                        (lambda: FedAvgM(momentum=1.0), "momentum"), (lambda: FedAvg(clip_factor=-1), "clip_factor"),
+                        (lambda: FedAvg(server_lr=0), "server_lr")]:
+        with pytest.raises(BadInput, match=words):
+            make()
+
+
+def test_client_config_hands_fedprox_mu_to_the_clients():
+    assert FedProx(mu=0.25).client_config().proximal_mu == 0.25
+    assert DWFL().client_config().proximal_mu == FedAvg().client_config().proximal_mu == FedAvgM().client_config().proximal_mu == 0.0
+
+
+def test_fedavgm_velocity_survives_a_restart():
+    """The server state of FedAvgM (its velocity) through state_dict / load_state_dict: a strategy
+    rebuilt between rounds (a restarted server) takes the same second step as one that kept running."""
+    rounds = [[update("a", 1, 0.1, 1.0)], [update("a", 1, 0.1, -0.5)]]
+    kept = FedAvgM(momentum=0.5, clip_factor=0)
+    params = GLOBAL
+    for ups in rounds:
+        params = kept.aggregate(params, ups, branch_of).params
+    first = FedAvgM(momentum=0.5, clip_factor=0)
+    mid = first.aggregate(GLOBAL, rounds[0], branch_of).params
+    state = {k: v.copy() for k, v in first.state_dict().items()}
+    assert set(state) == {f"velocity/{k}" for k in GLOBAL}
+    restarted = FedAvgM(momentum=0.5, clip_factor=0)
+    restarted.load_state_dict(state)
+    again = restarted.aggregate(mid, rounds[1], branch_of).params
+    assert np.allclose(again["head.w"], params["head.w"]) and np.allclose(params["head.w"], 1.0 + (0.5 - 0.5))
+    fresh = FedAvgM(momentum=0.5, clip_factor=0).aggregate(mid, rounds[1], branch_of).params
+    assert not np.allclose(fresh["head.w"], params["head.w"]), "without its velocity the step differs"
+    with pytest.raises(BadInput, match="keeps no server state"):
+        DWFL().load_state_dict(state)
+
+
+def test_branches_are_the_runtime_modalities():
+    result = DWFL().aggregate(GLOBAL, [update("a", 10, 0.5, 1.0)], branch_of)
+    assert set(result.weights) == {"shared", *MODALITIES}

@@ -208,3 +208,45 @@ def test_pipeline_teacher_is_trained_federated(tmp_path):
     run_pipeline(tmp_path / "out", MICRO.with_train(teacher_epochs=2, student_epochs=1), seed=0, log=logs.append)
     assert any(line.startswith("teacher: federated over 4 sites") for line in logs), logs[:3]
     assert sum(line.startswith("round ") for line in logs) == 2
+
+
+def test_fedprox_proximal_term_changes_the_client_update(tmp_path):
+    """FedProx's mu reaches the sites through strategy.client_config(): the same round with a strong
+    proximal term moves each site's weights less from the global model."""
+    norms = {}
+    for mu in (0.0, 100.0):
+        spec = FederationSpec(sites=2, rounds=1, strategy="fedprox", mu=mu, local_epochs=3, cases_per_site=12, val_per_site=8)
+        (record,) = run_federation(tmp_path / str(mu), CFG, spec, seed=1, log=lambda _: None)["rounds"]
+        norms[mu] = record["norms"]
+    assert set(norms[0.0]) == set(norms[100.0]) == {"site0", "site1"}
+    for site in norms[0.0]:
+        assert norms[100.0][site] < 0.8 * norms[0.0][site], norms
+
+
+def test_fedavgm_velocity_survives_a_resumed_run(tmp_path):
+    """The checkpoint keeps the strategy's server state (FedAvgM's velocity, via state_dict): a
+    federation resumed from it (a new process) starts with the velocity the first one ended with."""
+    import torch
+
+    from export.federated import Federation, prepare_cohort, prepare_sites
+    from export.models import Teacher
+
+    spec = FederationSpec(sites=2, rounds=1, strategy="fedavgm", cases_per_site=8, val_per_site=6)
+    cohort, pre = prepare_cohort(CFG, spec, seed=0)
+    sites = prepare_sites(cohort, pre, spec, tmp_path / "cases")
+
+    def federation() -> Federation:
+        torch.manual_seed(0)
+        return Federation(Teacher(CFG.model, CFG.input.n_genes, 2), sites, spec, CFG.train, 0, tmp_path / "fl", lambda _: None)
+
+    first = federation()
+    first.run()
+    ended = first.strategy.state_dict()
+    assert ended and all(k.startswith("velocity/") for k in ended) and any(np.any(v != 0) for v in ended.values())
+    resumed = federation()
+    resumed.run(resume=True)  # all rounds done: restores, trains nothing
+    restored = resumed.strategy.state_dict()
+    assert set(restored) == set(ended) and all(np.array_equal(restored[k], ended[k]) for k in ended)
+    with pytest.raises(BadInput, match="resume with the same strategy"):
+        run_federation(tmp_path / "fl", CFG, FederationSpec(sites=2, rounds=2, strategy="fedavg", cases_per_site=8,
+                                                            val_per_site=6), seed=0, resume=True, log=lambda _: None)

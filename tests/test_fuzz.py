@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -198,19 +199,40 @@ def test_fuzz_update_envelope(update_id, round_id, kem, sealed, signature):
 @settings(SETTINGS, max_examples=min(SETTINGS.max_examples, 30))
 @given(st.binary(max_size=2000))
 def test_fuzz_sealed_update(ciphertext):
-    from edge_runtime.sync.hpke import HpkePrivate, SealError, open_sealed, seal, update_info
+    from edge_runtime.sync import update as codec
+    from edge_runtime.sync.hpke import SealError
 
     private = _FUZZ_HPKE
-    info = update_info("north", 1, 1, "u-1", "x25519")
-    genuine = seal(b"update", private.public(), info, "x25519")
+    binding = {"clinic": "north", "round_id": 1, "base_version": 1, "update_id": "u-1", "kem": "x25519"}
+    env = codec.seal(b"update", key=_KEY, hpke_public=private.public(), **binding)
+    genuine = env.sealed_bytes()
     for data in (ciphertext, genuine[:-1] + bytes([genuine[-1] ^ 1]), genuine[: len(genuine) // 2]):
         try:
-            open_sealed(data, private, info, "x25519")
+            codec.unseal(data, private, **binding)
         except SealError:
             continue
         raise AssertionError("a tampered or random ciphertext opened")
-    assert open_sealed(genuine, private, info, "x25519") == b"update"
-    assert isinstance(private, HpkePrivate)
+    with pytest.raises(SealError):  # bound to its update id: moved to another one, it does not open
+        codec.unseal(genuine, private, **{**binding, "update_id": "u-2"})
+    assert codec.open_envelope(env, private) == codec.unseal(genuine, private, **binding) == b"update"
+
+
+_UPDATE_REFERENCE = {"classifier.weight": np.zeros((2, 8), np.float32), "classifier.bias": np.zeros(2, np.float32)}
+
+
+@SETTINGS
+@given(mutations)
+def test_fuzz_update_bytes(mutation):
+    """What the server does with an opened update: decode, then validate against the head."""
+    from edge_runtime.sync import update as codec
+
+    good = codec.encode(_UPDATE_REFERENCE, {"update_id": "u-1", "n": 50, "val_loss": 0.6})
+    data = _mutate(good, *mutation)
+    try:
+        summary = codec.validate(codec.decode(data, codec.size_limit(_UPDATE_REFERENCE)), _UPDATE_REFERENCE, "u-1")
+    except codec.UpdateError:
+        return
+    assert summary.n > 0 and np.isfinite(summary.norm)
 
 
 def _hpke():

@@ -9,8 +9,10 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -20,8 +22,12 @@ from sqlalchemy import select
 from edge_runtime.errors import Refused
 from edge_runtime.keys import generate_key
 from edge_runtime.sync import protocol
+from edge_runtime.sync import update as codec
 from edge_runtime.sync.client import Client, enroll
-from edge_runtime.sync.hpke import seal
+
+from server import rounds as rounds_mod
+from server.home import Home
+from server.service import Server
 
 from .server_util import (
     ServerProcess,
@@ -88,11 +94,12 @@ def post(c: Client, path: str, body: bytes, **sign) -> httpx.Response:
 
 
 def envelope(c: Client, path, update_id, round_id=1, base=1, tamper=False) -> protocol.Envelope:
-    plain = path.read_bytes()
-    env = protocol.Envelope.build(c.key, update_id, c.config.clinic, round_id, base, c.config.kem, b"")
-    sealed = bytearray(seal(plain, c.hpke, env.info(), c.config.kem))
-    if tamper:
-        sealed[-20] ^= 0x01
+    env = codec.seal(path.read_bytes(), key=c.key, hpke_public=c.hpke, update_id=update_id, clinic=c.config.clinic,
+                     round_id=round_id, base_version=base, kem=c.config.kem)
+    if not tamper:
+        return env
+    sealed = bytearray(env.sealed_bytes())
+    sealed[-20] ^= 0x01  # re-signed by the clinic: only the ciphertext is wrong
     return protocol.Envelope.build(c.key, update_id, c.config.clinic, round_id, base, c.config.kem, bytes(sealed))
 
 
@@ -156,6 +163,10 @@ def test_bad_inputs_refused_nothing_stored(tmp_path, micro_out, db_url, head):
         refused("revoked clinic", post(b, "/v1/updates", envelope(b, pb, uidb).to_json()), 403, "revoked")
 
         assert blob_count(home) == stored  # nothing of the refused requests was stored
+        log = Path(srv.log.name).read_text()  # one line per record: request id, clinic, round
+        assert re.search(rf"INFO server.service req=[0-9a-f]{{12}} clinic=clinic-a round=1 stored update {uid}", log), log[-2000:]
+        assert re.search(r"INFO server.app req=[0-9a-f]{12} clinic=clinic-b round=- refused POST /v1/updates: 422", log), log[-2000:]
+        assert "Traceback" not in log
         (r1,) = rounds(home)
         assert r1["state"] == "open" and [x["update_id"] for x in r1["arrivals"]] == [uid] and r1["n_updates"] == 1
         (tmp_path / "attacks.json").write_text(json.dumps(outcomes, indent=1))
@@ -165,8 +176,8 @@ def test_bad_inputs_refused_nothing_stored(tmp_path, micro_out, db_url, head):
 
 
 CRASH_AFTER_BLOB = "import os, server.blobs as b\nf = b.BlobStore.put\nb.BlobStore.put = lambda self, data: (f(self, data), os._exit(9))[0]"
-CRASH_IN_AGGREGATION = ("import server.rounds as r\nf = r.aggregate_round\n"
-                        "r.aggregate_round = lambda srv, rid, crash=False: f(srv, rid, True)")
+ARM_SERVER = "import tests.crashpoints as _c; _c.arm('server')"
+NEW_VERSION_BLOB = "publish:rename-done:"  # a named crash point: the new version's first blob is on disk
 
 
 def test_kill9_during_upload_and_during_aggregation(tmp_path, micro_out, db_url, head):
@@ -180,19 +191,19 @@ def test_kill9_during_upload_and_during_aggregation(tmp_path, micro_out, db_url,
             a.upload(pa, uida, 1, 1)
         assert srv.wait_exit() == 9
         assert rounds(home)[0]["n_updates"] == 0
-        srv.start(CRASH_IN_AGGREGATION)  # now dies in the middle of aggregating (new bundle blobs written)
+        srv.start(ARM_SERVER, env={"DWFL_CRASH_AT": NEW_VERSION_BLOB})  # now dies in the middle of aggregating
         assert a.upload(pa, uida, 1, 1)["status"] == "stored"  # the client's retry
         assert a.upload(pa, uida, 1, 1)["status"] == "already have it"
         pb, uidb = write_fake_update(tmp_path / "b", head, 2)
         assert b.upload(pb, uidb, 1, 1)["status"] == "stored"  # min_clients reached: aggregation starts, crashes
-        assert srv.wait_exit() == 9
+        assert srv.wait_exit() == -9
         (r1,) = rounds(home)
         assert r1["state"] == "aggregating" and r1["n_updates"] == 2
         srv.start("")  # restart: the stale claim (lease 1 s) is taken over, the round aggregates once
         deadline = time.time() + 30
         while time.time() < deadline and rounds(home)[0]["state"] != "closed":
             time.sleep(0.3)
-        time.sleep(1.0)  # further ticks must not aggregate again
+        assert rounds_mod.tick(Server(Home(home), db_url)) == [], "a closed round never aggregates again"
         rs = rounds(home)
         assert [r["state"] for r in rs] == ["closed", "open"] and rs[0]["result_version"] == 2 and rs[1]["base_version"] == 2
         assert sorted(x["update_id"] for x in rs[0]["arrivals"]) == sorted([uida, uidb])
@@ -209,9 +220,6 @@ def test_kill9_during_upload_and_during_aggregation(tmp_path, micro_out, db_url,
 def test_one_aggregator_per_round(tmp_path, micro_out, db_url, head):
     """Two server processes' claims on one round: exactly one wins (atomic UPDATE ... WHERE state='open')."""
     from server import db
-    from server import rounds as rounds_mod
-    from server.home import Home
-    from server.service import Server
 
     home = make_home(tmp_path, micro_out, db_url, min_clients=1)
     s1, s2 = Server(Home(home)), Server(Home(home))

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from federation.aggregation import l2_norm as norm  # the norm aggregation clips by: one definition
 
 from .. import MODALITIES
 from ..errors import BadInput
@@ -119,10 +120,6 @@ def size_limit(reference: Params) -> int:
     return 4 * sum(v.nbytes for v in reference.values()) + 2**16
 
 
-def norm(delta: Params) -> float:
-    return float(math.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in delta.values())))
-
-
 def validate(update: Update, reference: Params, update_id: str | None = None) -> Summary:
     """Names and shapes of ``reference``, finite float values, metadata in range; the summary that
     aggregation uses. UpdateError with the reason otherwise."""
@@ -168,3 +165,9 @@ def seal(data: bytes, *, key: Ed25519PrivateKey, hpke_public: HpkePublic, update
 def open_envelope(env: Envelope, hpke_private: HpkePrivate) -> bytes:
     """The plaintext update bytes (SealError when tampered or bound to something else)."""
     return open_sealed(env.sealed_bytes(), hpke_private, env.info(), env.kem)
+
+
+def unseal(sealed: bytes, hpke_private: HpkePrivate, *, clinic: str, round_id: int, base_version: int, update_id: str,
+           kem: str) -> bytes:
+    """The plaintext of sealed bytes stored without their envelope (the server's blobs)."""
+    return open_sealed(sealed, hpke_private, update_info(clinic, round_id, base_version, update_id, kem), kem)

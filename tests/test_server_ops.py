@@ -1,0 +1,165 @@
+"""Server operations without HTTP (the server library, a real SQLite database and blob store): the
+configuration refuses unknown keys; updates arrive with their summary stored, aggregation opens
+each once with a fixed number of queries; an update that cannot be opened at aggregation is
+rejected with its reason; a round that cannot be aggregated at all is closed as failed, not retried."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from sqlalchemy import event, select
+
+from edge_runtime.bundle import default_public_key_path
+from edge_runtime.errors import BadInput
+from edge_runtime.keys import generate_key, load_public_key
+from edge_runtime.sync import protocol
+from edge_runtime.sync import update as codec
+from edge_runtime.sync.hpke import HpkePublic
+from server import db, rounds
+from server.home import Config, Home
+from server.service import Server
+
+from .server_util import edge_server, write_fake_update
+
+
+def test_unknown_config_key_refused_at_start(tmp_path):
+    home = tmp_path / "srv"
+    assert edge_server("init", "--home", str(home)).returncode == 0
+    doc = json.loads((home / "config.json").read_text())
+    (home / "config.json").write_text(json.dumps({**doc, "min_client": 1, "betta": 0.5}))
+    proc = edge_server("token", "--home", str(home), "--clinic", "north")
+    assert proc.returncode == 2 and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(home / "config.json") in lines[0] and "'betta', 'min_client'" in lines[0], proc.stderr
+    with pytest.raises(BadInput, match="unknown configuration key"):
+        Config.from_dict({"db_url": "", "typo": 1})
+    assert Config.from_dict({"min_clients": 7}).min_clients == 7
+
+
+@pytest.fixture
+def server(tmp_path, micro_out):
+    home = Home(tmp_path / "srv")
+    home.init(Config(min_clients=100))
+    srv = Server(home)
+    bundle = micro_out / "bundle"
+    srv.publish_bundle(bundle, load_public_key(default_public_key_path(bundle)))
+    yield srv
+    srv.engine.dispose()
+
+
+def store(srv: Server, tmp_path, name: str, seed: int) -> str:
+    """Enroll ``name`` and store one update of it for round 1, every check of receive_update included."""
+    key = generate_key()
+    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    token, pub = srv.issue_token(name), base64.b64encode(raw).decode()
+    body = json.dumps({"token": token, "public_key": pub}).encode()
+    srv.enroll(protocol.sign_request(key, name, "POST", "/v1/enroll", body), "POST", "/v1/enroll", body, token, pub)
+    path, uid = write_fake_update(tmp_path / name, srv.head_params(1), seed)
+    hpke = HpkePublic.from_dict(srv.server_identity()["hpke_public"])
+    env = codec.seal(path.read_bytes(), key=key, hpke_public=hpke, update_id=uid, clinic=name, round_id=1, base_version=1,
+                     kem="x25519")
+    assert srv.receive_update(name, key.public_key(), env).status == "stored"
+    return uid
+
+
+def round_row(srv: Server, rid: int):
+    with srv.engine.connect() as conn:
+        return conn.execute(select(db.rounds).where(db.rounds.c.id == rid)).one()
+
+
+def test_summary_stored_on_arrival_and_each_update_opened_once(server, tmp_path):
+    srv = server
+    ids = [store(srv, tmp_path, f"c{i}", seed=i) for i in range(4)]
+    with srv.engine.connect() as conn:
+        rows = {r.update_id: r for r in conn.execute(select(db.updates))}
+    delta = codec.read(tmp_path / "c0" / "outbox" / f"{ids[0]}.npz").delta
+    summary = codec.Summary.from_dict(rows[ids[0]].meta)
+    assert summary.norm == pytest.approx(codec.norm(delta), rel=1e-12) and summary.n == 50 and len(summary.sha256_plain) == 64
+
+    opened, statements = [], []
+    real_get = srv.blobs.get
+    srv.blobs.get = lambda sha: (opened.append(sha), real_get(sha))[1]  # counts, then reads the real blob
+    event.listen(srv.engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
+    assert rounds.claim(srv, 1)
+    version = rounds.aggregate_round(srv, 1)
+    assert version == 2
+    blobs_of_updates = [sha for sha in opened if sha in {r.blob_sha256 for r in rows.values()}]
+    assert sorted(blobs_of_updates) == sorted(r.blob_sha256 for r in rows.values()), "each sealed update read once"
+    per_row = [s for s in statements if "FROM rounds" in s and "JOIN" not in s]
+    assert len(per_row) <= 2, f"no query per update: {len(per_row)} round queries for 4 updates"
+
+
+def test_update_that_cannot_be_opened_at_aggregation_is_rejected_with_its_reason(server, tmp_path):
+    """Old main: the corrupt blob raised out of tick, the round stayed 'aggregating' and every tick
+    after the lease tried it again."""
+    srv = server
+    ids = [store(srv, tmp_path, f"c{i}", seed=i) for i in range(3)]
+    with srv.engine.connect() as conn:
+        broken = conn.execute(select(db.updates).where(db.updates.c.update_id == ids[1])).one()
+    blob = srv.blobs.path(broken.blob_sha256)
+    blob.write_bytes(blob.read_bytes()[:-7] + b"garbage")  # bit rot on the server's disk
+    with srv.engine.begin() as conn:  # the round is due now
+        conn.execute(db.rounds.update().where(db.rounds.c.id == 1).values(min_clients=3))
+    assert rounds.tick(srv) == [2]
+    r1 = round_row(srv, 1)
+    assert r1.state == "closed" and r1.result_version == 2
+    assert sorted(r1.report["accepted"]) == ["c0", "c2"]
+    assert r1.report["rejected"] == [["c1", f"cannot be opened: blob {broken.blob_sha256[:16]}… is corrupt"]]
+    assert set(r1.report["weights"]["shared"]) == {"c0", "c2"}
+    assert round_row(srv, 2).state == "open" and rounds.tick(srv) == []
+    shown = edge_server("rounds", "--home", str(srv.home.root)).stdout
+    assert "rejected: cannot be opened: blob" in shown and shown.count("weight ") == 2, shown
+
+
+def test_round_that_cannot_be_aggregated_is_closed_as_failed_not_retried(server, tmp_path):
+    srv = server
+    store(srv, tmp_path, "c0", seed=0)
+    with srv.engine.begin() as conn:
+        conn.execute(db.rounds.update().where(db.rounds.c.id == 1).values(min_clients=1))
+    shutil.rmtree(srv.home.blobs)  # the base version's files are gone: nothing can be published
+    srv.home.blobs.mkdir()
+    assert rounds.tick(srv) == []
+    r1 = round_row(srv, 1)
+    assert r1.state == "failed" and "No such file" in r1.report["error"], r1.report
+    r2 = round_row(srv, 2)
+    assert r2.state == "open" and r2.base_version == 1, "the federation goes on from the same version"
+    assert rounds.tick(srv) == [] and round_row(srv, 1).state == "failed", "never tried again"
+    assert "not aggregated: FileNotFoundError" in edge_server("rounds", "--home", str(srv.home.root)).stdout
+
+
+def test_server_logs_carry_request_id_clinic_and_round():
+    import io
+    import logging
+
+    from server.logs import REQUEST_ID, configure
+
+    stream = io.StringIO()
+    configure("INFO", stream)
+    token = REQUEST_ID.set("abc123")
+    try:
+        logging.getLogger("server.rounds").info("aggregated", extra={"round": 4})
+        logging.getLogger("server.service").warning("refused", extra={"clinic": "north", "round": 2})
+    finally:
+        REQUEST_ID.reset(token)
+    first, second = stream.getvalue().splitlines()
+    assert first.endswith("INFO server.rounds req=abc123 clinic=- round=4 aggregated")
+    assert second.endswith("WARNING server.service req=abc123 clinic=north round=2 refused")
+
+
+def test_rows_stored_before_the_norm_was_recorded_still_aggregate(server, tmp_path):
+    """A database written by an older server: the norm is measured at aggregation instead."""
+    srv = server
+    ids = [store(srv, tmp_path, f"c{i}", seed=i) for i in range(2)]
+    with srv.engine.begin() as conn:
+        for r in conn.execute(select(db.updates)).all():
+            conn.execute(db.updates.update().where(db.updates.c.update_id == r.update_id)
+                         .values(meta={k: v for k, v in r.meta.items() if k != "norm"}))
+        conn.execute(db.rounds.update().where(db.rounds.c.id == 1).values(min_clients=2))
+    assert rounds.tick(srv) == [2]
+    report = round_row(srv, 1).report
+    delta = codec.read(tmp_path / "c0" / "outbox" / f"{ids[0]}.npz").delta
+    assert sorted(report["accepted"]) == ["c0", "c1"] and report["norms"]["c0"] == pytest.approx(codec.norm(delta), abs=1e-6)
