@@ -87,8 +87,6 @@ def child(target: str, seconds: int, corpus: Path, artifacts: Path) -> None:
         from server.app import EnvelopeBody
     from pydantic import ValidationError
 
-    import numpy as np
-
     work = Path(tempfile.mkdtemp(prefix=f"fz-{target}-"))
     corpus.mkdir(parents=True, exist_ok=True)
     for i, data in enumerate(seeds(target, work)):

@@ -164,6 +164,10 @@ class _LostClaim(Exception):
     pass
 
 
+class _Recount(Exception):
+    pass
+
+
 def fail_round(srv: Server, round_id: int, reason: str) -> None:
     """Close a round that cannot be aggregated at all, with the reason, and open the next one on the same
     base version: the federation goes on instead of retrying the same round at every tick."""
@@ -180,12 +184,6 @@ def tick(srv: Server) -> list[int]:
     """Close and aggregate every round that is due and that this process wins; the new versions. A
     database error leaves the claim for the lease to hand on (a later try); any other error fails the
     round with its reason."""
-class _Recount(Exception):
-    pass
-
-
-def tick(srv: Server, crash_after_blobs: bool = False) -> list[int]:
-    """Close and aggregate every round that is due and that this process wins; the new versions."""
     out = []
     for rid in due_rounds(srv):
         if not claim(srv, rid):
