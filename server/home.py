@@ -42,6 +42,13 @@ class Config:
     lease_seconds: float = 600.0  # a claim on an aggregation older than this is taken over
     max_skew_s: int = 300
     beta: float = 0.3
+    # what one clinic may claim and move (issue 14: one enrolled clinic could poison the model)
+    max_n: int = 100_000  # cases one update may claim; see DESIGN (room for the noise of the released n)
+    min_noise_multiplier: float = 0.5  # DP-SGD sigma an update must claim: accountant.SIGMA_MIN, the least a plan picks
+    max_update_abs: float = 100.0  # |delta| of one head parameter (Adam moves one by about lr per step)
+    update_clip_rms: float = 1.0  # fixed ceiling on the aggregation clip bound: C_max = this x sqrt(head parameters)
+    max_client_weight: float = 0.5  # cap on one clinic's weight in a round (n is noisy and claimed)
+    max_param_abs: float = 1000.0  # the aggregated head is refused (round failed) beyond this |parameter|
     # bodies are read before their signature can be checked (it covers them): bound what that holds
     body_reads: int = 4  # concurrent reads of bodies over 64 KiB
     body_wait_s: float = 10.0  # a read waits this long for one of those, then gets 503 (the client retries)
