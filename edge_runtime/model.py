@@ -154,7 +154,7 @@ class EdgeModel:
         logits = self.logits(inputs, stages)
         probs = softmax(logits) if np.all(np.isfinite(logits)) else logits
         if not np.all(np.isfinite(probs)):  # a head gone wrong (e.g. a poisoned global model) is never printed as NaN
-            raise BadInput(f"case {case.case_id}: the head gives non-finite scores (model {self.model_version or '?'}, "
+            raise BadInput(f"{case.case_id}: the head gives non-finite scores (model {self.model_version or '?'}, "
                            f"{self.head_source()}); case not predicted")
         latency = (time.perf_counter() - start) * 1e3
         return Prediction(

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -65,7 +66,23 @@ class Config:
         unknown = sorted(set(doc) - set(names))
         if unknown:
             raise BadInput(f"{where}: unknown configuration key(s) {', '.join(map(repr, unknown))} (known: {', '.join(names)})")
-        return cls(**doc)
+        config = cls(**doc)
+        config.check(where)
+        return config
+
+    def check(self, where: str = "configuration") -> None:
+        """The federation's bounds in range (one-line BadInput naming the key); the other settings are
+        checked where they are used."""
+        ranges = {  # key: (low, high, low excluded)
+            "max_n": (1, 10**9, False), "min_noise_multiplier": (0.0, 1e6, False), "max_update_abs": (0.0, 1e38, True),
+            "update_clip_rms": (0.0, 1e38, True), "max_client_weight": (0.0, 1.0, True), "max_param_abs": (0.0, 1e38, True),
+        }
+        for key, (low, high, open_low) in ranges.items():
+            value = getattr(self, key)
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and \
+                (value > low if open_low else value >= low) and value <= high
+            if not ok or (key == "max_n" and not isinstance(value, int)):
+                raise BadInput(f"{where}: {key} = {value!r} is out of range {'(' if open_low else '['}{low:g}, {high:g}]")
 
 
 class Home:
@@ -82,6 +99,7 @@ class Home:
     def init(self, config: Config, force: bool = False) -> None:
         if self.signing_key_path.exists() and not force:
             raise BadInput(f"{self.root}: already initialised (keys exist); refusing to replace them")
+        config.check(str(self.config_path))
         self.keys.mkdir(parents=True, exist_ok=True)
         os.chmod(self.keys, 0o700)
         key = generate_key()

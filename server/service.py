@@ -81,10 +81,6 @@ class Server:
         self.strategy = DWFL(beta=self.config.beta, max_weight=self.config.max_client_weight)
         self.bounds = codec.Bounds(max_n=self.config.max_n, min_noise_multiplier=self.config.min_noise_multiplier,
                                    max_abs=self.config.max_update_abs)
-        for name in ("update_clip_rms", "max_param_abs"):
-            value = getattr(self.config, name)
-            if not (isinstance(value, (int, float)) and value > 0):
-                raise BadInput(f"{name} = {value!r} is out of range (0, inf]")
 
     def strategy_for(self, head: dict[str, np.ndarray]) -> DWFL:
         """The strategy for a round on ``head``: the fixed clip ceiling C_max = update_clip_rms x
