@@ -44,7 +44,7 @@ class Config:
     max_skew_s: int = 300
     beta: float = 0.3
     # what one clinic may claim and move (issue 14: one enrolled clinic could poison the model)
-    max_n: int = 100_000  # cases one update may claim; see DESIGN (room for the noise of the released n)
+    max_n: int = 200_000  # cases one update may claim: the default cache's 166 504 (dim 256) + the noise's room
     min_noise_multiplier: float = 0.5  # DP-SGD sigma an update must claim: accountant.SIGMA_MIN, the least a plan picks
     max_update_abs: float = 100.0  # |delta| of one head parameter (Adam moves one by about lr per step)
     update_clip_rms: float = 1.0  # fixed ceiling on the aggregation clip bound: C_max = this x sqrt(head parameters)

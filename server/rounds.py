@@ -117,7 +117,8 @@ def aggregate_round(srv: Server, round_id: int) -> int | None:
     base = srv.manifest(rnd.base_version)
     global_params = srv.head_params(rnd.base_version)
     t0 = time.perf_counter()
-    result = srv.strategy_for(global_params).aggregate(global_params, stored_updates(srv, rows), branch_of)
+    strategy = srv.strategy_for(global_params)
+    result = strategy.aggregate(global_params, stored_updates(srv, rows), branch_of)
     for clinic, reason in result.rejected:
         log.warning("update rejected at aggregation: %s", reason, extra={"clinic": clinic, "round": round_id})
     bad = unpublishable(result.params, srv.config.max_param_abs)
@@ -129,7 +130,8 @@ def aggregate_round(srv: Server, round_id: int) -> int | None:
     buf = io.BytesIO()
     np.savez(buf, **{k: np.asarray(v, dtype=np.float32) for k, v in result.params.items()})
     report = {"accepted": result.accepted, "rejected": [list(x) for x in result.rejected], "weights": result.weights,
-              "clip_bound": round(result.clip_bound, 6), "norms": {k: round(v, 6) for k, v in result.norms.items()},
+              "clip_bound": round(result.clip_bound, 6), "clip_ceiling": round(strategy.max_clip, 6),
+              "max_weight": strategy.max_weight, "norms": {k: round(v, 6) for k, v in result.norms.items()},
               "seconds": round(time.perf_counter() - t0, 3), "aggregated_by": WORKER_ID}
     weights_name = base["head"]["weights"]
     files = {name: srv.blobs.get(meta["sha256"]) for name, meta in base["files"].items() if name != weights_name}

@@ -22,15 +22,16 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from sqlalchemy import select
 
-from edge_runtime.errors import BadInput
 from edge_runtime.bundle import MANIFEST, default_public_key_path, sign_manifest
+from edge_runtime.errors import BadInput
 from edge_runtime.keys import generate_key, load_public_key, save_public_key
 from edge_runtime.state import ClinicState
 from edge_runtime.sync import protocol
 from edge_runtime.sync import update as codec
 from edge_runtime.sync.hpke import HpkePublic
 from federation.aggregation import l2_norm
-from server import db, rounds as rounds_mod
+from server import db
+from server import rounds as rounds_mod
 from server.home import Config, Home
 from server.service import Refusal, Server
 
@@ -71,7 +72,7 @@ def test_attack_refused_on_arrival_and_bounded_within_the_bounds(tmp_path, micro
         path, uid = crafted(tmp_path / "m", head, value=1e30, n=10**9, sigma=0.0)
         out = m.upload(path, uid, 1, 1)
         assert out["status"] == "refused" and out["http"] == 422, out
-        for words in ("claimed n = 1000000000 exceeds the federation's cap of 100000",
+        for words in ("claimed n = 1000000000 exceeds the federation's cap of 200000",
                       "noise_multiplier = 0 is below the federation's minimum 0.5", "|delta| up to 1e+30 exceeds"):
             assert words in out["reason"], out["reason"]
         for kwargs, words in [({"value": 0.01, "n": 10**9, "sigma": 1.0}, "claimed n"),
@@ -83,7 +84,7 @@ def test_attack_refused_on_arrival_and_bounded_within_the_bounds(tmp_path, micro
         assert blob_count(home) == stored and rounds(home)[0]["n_updates"] == 0, "nothing of the refused updates stored"
 
         # within every arrival bound, as large as they allow: stored, and its influence is bounded
-        path, uid = crafted(tmp_path / "m", head, value=100.0, n=100_000, sigma=0.5)
+        path, uid = crafted(tmp_path / "m", head, value=100.0, n=200_000, sigma=0.5)
         assert m.upload(path, uid, 1, 1)["status"] == "stored"
         for i, (c, folder) in enumerate([(a, "a"), (b, "b")]):
             p, u = write_fake_update(tmp_path / folder, head, i + 1)
@@ -94,6 +95,7 @@ def test_attack_refused_on_arrival_and_bounded_within_the_bounds(tmp_path, micro
         r1 = rounds(home)[0]
         assert r1["state"] == "closed" and sorted(r1["report"]["accepted"]) == ["clinic-a", "clinic-b", "mallory"], r1
         c_max = math.sqrt(sum(v.size for v in head.values()))  # update_clip_rms 1.0 x sqrt(parameters)
+        assert r1["report"]["clip_ceiling"] == pytest.approx(c_max, rel=1e-5) and r1["report"]["max_weight"] == 0.5
         assert r1["report"]["clip_bound"] <= c_max
         assert all(w["mallory"] <= 0.5 + 1e-6 for w in r1["report"]["weights"].values()), r1["report"]["weights"]
         bundle = a.pull(2)
