@@ -77,6 +77,7 @@ class EdgeModel:
         self.variant: str | None = None  # the encoder variant's name, when made from a bundle
         self.variant_reason = ""  # why this variant (set by ClinicState.model_for)
         self.active_head = None  # which head runs and why (ClinicState.active_head, set by model_for)
+        self.model_version = ""  # the bundle's model version, when made from a bundle (named in errors)
 
     def use_head_params(self, params: dict | None) -> None:
         """Evaluate the head in numpy with these weights (a clinic's fine-tuned head); None: head.onnx."""
@@ -109,8 +110,14 @@ class EdgeModel:
                 ort.capi.onnxruntime_pybind11_state.InvalidProtobuf) as exc:
             raise BundleError(f"{bundle.root}: ONNX Runtime cannot load the model ({str(exc)[:120]})") from exc
         model.variant = name
+        model.model_version = str(bundle.model_version)
         model.use_head_params(head_params)
         return model
+
+    def head_source(self) -> str:
+        if self.active_head is not None:
+            return self.active_head.source
+        return "numpy head" if self.head_params is not None else "head.onnx"
 
     def embed(self, modality: str, x: np.ndarray) -> np.ndarray:
         """Encoder output for one case; several pathology tiles are averaged into one embedding."""
@@ -131,7 +138,8 @@ class EdgeModel:
         if self.head_params is not None:  # a head fine-tuned on this clinic's cases (numpy)
             from .finetune.head import forward
 
-            logits = forward(self.head_params, emb, mask)
+            with np.errstate(over="ignore", invalid="ignore"):  # a head gone wrong is refused by predict, not warned about
+                logits = forward(self.head_params, emb, mask)
         else:
             (logits,) = self.head.run(None, {"embeddings": emb, "mask": mask})
         _lap(stages_ms, "head", clock)
@@ -143,7 +151,11 @@ class EdgeModel:
         stages: dict[str, float] = {}
         _lap(stages, "preprocess", start)
         inputs = prepared.inputs
-        probs = softmax(self.logits(inputs, stages))
+        logits = self.logits(inputs, stages)
+        probs = softmax(logits) if np.all(np.isfinite(logits)) else logits
+        if not np.all(np.isfinite(probs)):  # a head gone wrong (e.g. a poisoned global model) is never printed as NaN
+            raise BadInput(f"{case.case_id}: the head gives non-finite scores (model {self.model_version or '?'}, "
+                           f"{self.head_source()}); case not predicted")
         latency = (time.perf_counter() - start) * 1e3
         return Prediction(
             case_id=case.case_id,

@@ -9,7 +9,15 @@ in the one accumulating pass. Memory is O(model), never O(clients x model).
     a_k = n_k / sum_j n_j                          data share (n_k * r_k[m] for modality branch m)
     d_k = softmax(L_k / T)_k                       dynamic share: where theta_t fits worst weighs more
     w_k ∝ ((1 - beta) a_k + beta d_k) * (1 + tau_k)^(-1/2),   sum_k w_k = 1
-    theta_{t+1} = theta_t + eta_s * sum_k w_k clip(Delta_k, C),   C = 3 x median update norm
+    theta_{t+1} = theta_t + eta_s * sum_k min(w_k, c) clip(Delta_k, C),   C = min(3 x median norm, C_max)
+
+One client's influence is bounded whatever it claims: its weight is capped at ``max_weight`` (c; the
+excess goes to the others, and when too few clients take part to reach a total of 1 under the cap the
+step is shortened instead), its delta clipped to ``max_clip`` (C_max, fixed by the federation, so no
+update can raise the bound by being large). One client therefore moves the model by at most
+eta_s * c * C_max in L2 (per modality branch as well), which is also the L2 sensitivity to one client
+that a server-side DP guarantee would need. The defaults (c = 1, C_max = 0: none) keep the plain
+DW-FL rule for the simulation; the server sets both from its configuration.
 
 A strategy: ``aggregate(global_params, updates, branch_of)``; ``client_config()`` (what a client
 must do locally, e.g. FedProx's proximal mu); ``state_dict()`` / ``load_state_dict()`` (server
@@ -137,9 +145,49 @@ def clip_scale(norm: float, bound: float) -> float:
     return 1.0 if bound <= 0 or norm <= bound else bound / norm
 
 
-def clip_bound(norms: Sequence[float], clip_factor: float) -> float:
-    """C = clip_factor x median update norm (0: no clipping)."""
-    return clip_factor * float(np.median(list(norms))) if len(norms) and clip_factor > 0 else 0.0
+def clip_bound(norms: Sequence[float], clip_factor: float, max_clip: float = 0.0) -> float:
+    """C = clip_factor x median update norm, at most ``max_clip`` when that is > 0 (0: no clipping).
+    The fixed ceiling is what a single update cannot move: with two or three updates the median is
+    one of them."""
+    adaptive = clip_factor * float(np.median(list(norms))) if len(norms) and clip_factor > 0 else 0.0
+    if max_clip > 0:
+        return min(adaptive, max_clip) if adaptive > 0 else max_clip
+    return adaptive
+
+
+def cap_weights(weights: np.ndarray, cap: float) -> np.ndarray:
+    """Weights with none above ``cap``: the excess of a capped client is shared by the others in
+    proportion to their weights (water-filling). When the clients cannot reach a total of 1 under the
+    cap (fewer than 1/cap of them with data), each stays at the cap and the total is below 1: the
+    server step is shortened rather than one client trusted with more than ``cap``."""
+    w = np.asarray(weights, dtype=np.float64)
+    if cap >= 1.0 or w.sum() <= 0:
+        return w
+    out, fixed = w.copy(), np.zeros(w.shape, dtype=bool)
+    for _ in range(w.size):
+        over = (out > cap) & ~fixed
+        if not over.any():
+            break
+        fixed |= over
+        out[fixed] = cap
+        free, left = ~fixed, 1.0 - cap * fixed.sum()
+        mass = w[free].sum()
+        if mass <= 0 or left <= 0:
+            break
+        out[free] = w[free] / mass * left
+    return np.minimum(out, cap)
+
+
+def unpublishable(params: Params, max_abs: float) -> str | None:
+    """Why an aggregated model must not be published (a parameter not finite or beyond ``max_abs``), or None."""
+    for name, arr in params.items():
+        a = np.asarray(arr, dtype=np.float64)
+        if not np.all(np.isfinite(a)):
+            return f"{name}: non-finite values"
+        top = float(np.max(np.abs(a))) if a.size else 0.0
+        if top > max_abs:
+            return f"{name}: |value| up to {top:.3g} exceeds the bound {max_abs:g}"
+    return None
 
 
 def mismatch(delta: Params, reference: Params) -> str | None:
@@ -226,12 +274,16 @@ class Strategy:
 
     name: ClassVar[str] = ""
     server_lr: float = 1.0
-    clip_factor: float = 3.0  # C = clip_factor x median update norm; 0 disables clipping
+    clip_factor: float = 3.0  # C = clip_factor x median update norm; 0 disables clipping (unless max_clip)
+    max_clip: float = 0.0  # fixed ceiling on C, which no update can move (0: none)
+    max_weight: float = 1.0  # cap on each client's weight per branch (1: none); see cap_weights
     inverse_variance: bool = False
 
     def __post_init__(self) -> None:
         _check_range("server_lr", self.server_lr, 0.0, open_low=True)
         _check_range("clip_factor", self.clip_factor, 0.0)
+        _check_range("max_clip", self.max_clip, 0.0)
+        _check_range("max_weight", self.max_weight, 0.0, 1.0, open_low=True)
 
     # -- what subclasses change
     def client_weights(self, metas: Sequence[UpdateMeta], branch: str | None) -> np.ndarray:
@@ -267,8 +319,8 @@ class Strategy:
         kept, rejected = screen(updates)
         while True:
             metas = [u.meta for u in kept]
-            bound = clip_bound([u.norm for u in kept], self.clip_factor)
-            weights = {b: self.client_weights(metas, b) for b in (None, *MODALITIES)} if kept else {}
+            bound = clip_bound([u.norm for u in kept], self.clip_factor, self.max_clip)
+            weights = {b: cap_weights(self.client_weights(metas, b), self.max_weight) for b in (None, *MODALITIES)} if kept else {}
             try:
                 total = weighted_sum(global_params, kept, weights, bound, branch_of) if kept else \
                     {k: np.zeros(v.shape, dtype=np.float64) for k, v in global_params.items()}

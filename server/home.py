@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -42,6 +43,13 @@ class Config:
     lease_seconds: float = 600.0  # a claim on an aggregation older than this is taken over
     max_skew_s: int = 300
     beta: float = 0.3
+    # what one clinic may claim and move (issue 14: one enrolled clinic could poison the model)
+    max_n: int = 200_000  # cases one update may claim: the default cache's 166 504 (dim 256) + the noise's room
+    min_noise_multiplier: float = 0.5  # DP-SGD sigma an update must claim: accountant.SIGMA_MIN, the least a plan picks
+    max_update_abs: float = 100.0  # |delta| of one head parameter (Adam moves one by about lr per step)
+    update_clip_rms: float = 1.0  # fixed ceiling on the aggregation clip bound: C_max = this x sqrt(head parameters)
+    max_client_weight: float = 0.5  # cap on one clinic's weight in a round (n is noisy and claimed)
+    max_param_abs: float = 1000.0  # the aggregated head is refused (round failed) beyond this |parameter|
     # bodies are read before their signature can be checked (it covers them): bound what that holds
     body_reads: int = 4  # concurrent reads of bodies over 64 KiB
     body_wait_s: float = 10.0  # a read waits this long for one of those, then gets 503 (the client retries)
@@ -58,7 +66,23 @@ class Config:
         unknown = sorted(set(doc) - set(names))
         if unknown:
             raise BadInput(f"{where}: unknown configuration key(s) {', '.join(map(repr, unknown))} (known: {', '.join(names)})")
-        return cls(**doc)
+        config = cls(**doc)
+        config.check(where)
+        return config
+
+    def check(self, where: str = "configuration") -> None:
+        """The federation's bounds in range (one-line BadInput naming the key); the other settings are
+        checked where they are used."""
+        ranges = {  # key: (low, high, low excluded)
+            "max_n": (1, 10**9, False), "min_noise_multiplier": (0.0, 1e6, False), "max_update_abs": (0.0, 1e38, True),
+            "update_clip_rms": (0.0, 1e38, True), "max_client_weight": (0.0, 1.0, True), "max_param_abs": (0.0, 1e38, True),
+        }
+        for key, (low, high, open_low) in ranges.items():
+            value = getattr(self, key)
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and \
+                (value > low if open_low else value >= low) and value <= high
+            if not ok or (key == "max_n" and not isinstance(value, int)):
+                raise BadInput(f"{where}: {key} = {value!r} is out of range {'(' if open_low else '['}{low:g}, {high:g}]")
 
 
 class Home:
@@ -75,6 +99,7 @@ class Home:
     def init(self, config: Config, force: bool = False) -> None:
         if self.signing_key_path.exists() and not force:
             raise BadInput(f"{self.root}: already initialised (keys exist); refusing to replace them")
+        config.check(str(self.config_path))
         self.keys.mkdir(parents=True, exist_ok=True)
         os.chmod(self.keys, 0o700)
         key = generate_key()

@@ -11,7 +11,9 @@ transaction re-reads which updates count (a clinic revoked meanwhile has its upd
 
 Each update is opened once (its norm and metadata were stored when it arrived); one that cannot be
 opened is rejected with the reason in the round's report. A round that cannot be aggregated at all
-is closed as ``failed`` with the reason and the next round opens on the same version.
+is closed as ``failed`` with the reason and the next round opens on the same version; so is one whose
+aggregated head is not finite or exceeds ``max_param_abs`` (checked before anything is published; the
+server has no validation cases of its own to score it on).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from sqlalchemy.exc import DBAPIError
 
 from edge_runtime import MODALITIES
 from edge_runtime.sync import update as codec
-from federation.aggregation import ClientUpdate, UpdateMeta, l2_norm
+from federation.aggregation import ClientUpdate, UpdateMeta, l2_norm, unpublishable
 
 from . import db
 from .service import Server
@@ -115,13 +117,21 @@ def aggregate_round(srv: Server, round_id: int) -> int | None:
     base = srv.manifest(rnd.base_version)
     global_params = srv.head_params(rnd.base_version)
     t0 = time.perf_counter()
-    result = srv.strategy.aggregate(global_params, stored_updates(srv, rows), branch_of)
+    strategy = srv.strategy_for(global_params)
+    result = strategy.aggregate(global_params, stored_updates(srv, rows), branch_of)
     for clinic, reason in result.rejected:
         log.warning("update rejected at aggregation: %s", reason, extra={"clinic": clinic, "round": round_id})
+    bad = unpublishable(result.params, srv.config.max_param_abs)
+    if bad:  # checked before anything is published: the round fails with the reason, the model stays
+        reason = f"aggregated model refused before publication: {bad}"
+        log.error("round %d: %s", round_id, reason, extra={"round": round_id})
+        fail_round(srv, round_id, reason)
+        return None
     buf = io.BytesIO()
     np.savez(buf, **{k: np.asarray(v, dtype=np.float32) for k, v in result.params.items()})
     report = {"accepted": result.accepted, "rejected": [list(x) for x in result.rejected], "weights": result.weights,
-              "clip_bound": round(result.clip_bound, 6), "norms": {k: round(v, 6) for k, v in result.norms.items()},
+              "clip_bound": round(result.clip_bound, 6), "clip_ceiling": round(strategy.max_clip, 6),
+              "max_weight": strategy.max_weight, "norms": {k: round(v, 6) for k, v in result.norms.items()},
               "seconds": round(time.perf_counter() - t0, 3), "aggregated_by": WORKER_ID}
     weights_name = base["head"]["weights"]
     files = {name: srv.blobs.get(meta["sha256"]) for name, meta in base["files"].items() if name != weights_name}

@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import secrets
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -77,7 +78,15 @@ class Server:
         self._heads: dict[int, dict[str, np.ndarray]] = {}
         # built at start so that a setting out of range is refused before serving; DW-FL keeps no
         # server state (a strategy that does would be saved with each version it makes)
-        self.strategy = DWFL(beta=self.config.beta)
+        self.strategy = DWFL(beta=self.config.beta, max_weight=self.config.max_client_weight)
+        self.bounds = codec.Bounds(max_n=self.config.max_n, min_noise_multiplier=self.config.min_noise_multiplier,
+                                   max_abs=self.config.max_update_abs)
+
+    def strategy_for(self, head: dict[str, np.ndarray]) -> DWFL:
+        """The strategy for a round on ``head``: the fixed clip ceiling C_max = update_clip_rms x
+        sqrt(parameters), an RMS change per parameter that no update can raise."""
+        size = sum(int(v.size) for v in head.values())
+        return replace(self.strategy, max_clip=self.config.update_clip_rms * math.sqrt(size))
 
     # ------------------------------------------------------------ enrollment
 
@@ -351,10 +360,11 @@ class Server:
 
     def check_update(self, plain: bytes, env: protocol.Envelope) -> codec.Summary:
         """Decode and validate the opened update against the head it was trained on: names, shapes,
-        finite values, metadata; the summary aggregation needs (norm included), computed once here."""
+        finite values, metadata, the federation's bounds on what a clinic may claim; the summary aggregation needs (norm included), computed once here."""
         reference = self.head_params(env.base_version)
         try:
-            summary = codec.validate(codec.decode(plain, codec.size_limit(reference)), reference, env.update_id)
+            summary = codec.validate(codec.decode(plain, codec.size_limit(reference)), reference, env.update_id,
+                                     bounds=self.bounds)
         except codec.UpdateError as exc:
             raise Refusal(422, str(exc)) from None
         return replace(summary, sha256_plain=hashlib.sha256(plain).hexdigest())

@@ -93,7 +93,6 @@ def then_phase(phase: str):
 
 def arm(role: str) -> None:
     """Install the wrappers for a ``clinic`` (edge-run) or ``server`` (edge-server) process."""
-    _state["at"] = int(os.environ.get("DWFL_CRASH_AT", "0"))
     _state["full"] = int(os.environ.get("DWFL_FULL_AT", "0"))
     at = os.environ.get("DWFL_CRASH_AT", "0")
     _state["at"], _state["at_label"] = (int(at), "") if at.isdigit() else (0, at)

@@ -16,11 +16,14 @@ from federation.aggregation import (
     FedAvgM,
     FedProx,
     UpdateMeta,
+    cap_weights,
+    clip_bound,
     data_shares,
     dwfl_weights,
     dynamic_shares,
     l2_norm,
     staleness_discount,
+    unpublishable,
 )
 
 GLOBAL = {"enc.ct.w": np.zeros((2, 2), np.float32), "head.w": np.zeros(3, np.float32)}
@@ -247,3 +250,62 @@ def test_fedavgm_velocity_survives_a_restart():
 def test_branches_are_the_runtime_modalities():
     result = DWFL().aggregate(GLOBAL, [update("a", 10, 0.5, 1.0)], branch_of)
     assert set(result.weights) == {"shared", *MODALITIES}
+
+
+# ---------------------------------------------------------------- one client's influence (issue 14, item 3)
+
+
+def test_weight_cap_water_fills_and_shortens_the_step_when_too_few_clients():
+    w = cap_weights(np.array([0.9, 0.06, 0.04]), 0.5)
+    assert w == pytest.approx([0.5, 0.3, 0.2]) and w.sum() == pytest.approx(1.0)
+    w = cap_weights(np.array([0.7, 0.2, 0.05, 0.05]), 0.3)  # the excess shared in proportion, re-capped
+    assert w.max() <= 0.3 + 1e-12 and w.sum() == pytest.approx(1.0) and w[0] == pytest.approx(0.3) and w[1] == pytest.approx(0.3)
+    assert cap_weights(np.array([0.8, 0.2]), 0.4) == pytest.approx([0.4, 0.4])  # 2 x 0.4 < 1: the step is shortened
+    assert cap_weights(np.array([1.0, 0.0]), 0.5) == pytest.approx([0.5, 0.0])  # no data for the branch: stays 0
+    assert cap_weights(np.array([0.9, 0.1]), 1.0) == pytest.approx([0.9, 0.1])
+
+
+def test_fixed_clip_ceiling_is_not_moved_by_a_large_update():
+    assert clip_bound([1.0, 1.2, 1e30], 3.0) == pytest.approx(3.6)
+    assert clip_bound([1.0, 1e30], 3.0) > 1e29  # two updates: the median is half the attacker's
+    assert clip_bound([1.0, 1e30], 3.0, max_clip=5.0) == 5.0
+    assert clip_bound([1.0, 1.0], 3.0, max_clip=5.0) == 3.0 and clip_bound([1.0], 0.0, max_clip=5.0) == 5.0
+
+
+def test_attacker_within_every_arrival_bound_moves_the_head_at_most_weight_cap_times_clip():
+    """Regression (issue 14): one client claiming the largest n and the worst fit, with a delta as
+    large as the arrival bounds allow, moved the global model as far as it liked (the clip bound was
+    3 x median of 2-3 norms and its weight was its claimed data share). Now its own term of the sum
+    is at most c * C_max, whatever it sends: compared with the same round where it sends nothing."""
+    cap, c_max = 0.5, 2.0
+    honest = [update("a", 48, 0.6, 0.01), update("b", 60, 0.7, -0.02)]
+
+    def attacker(value):
+        return update("evil", 100_000, 3.0, value, noise_multiplier=0.5)
+
+    # a fixed C (clip_factor 0): the weights depend on what is claimed, not on the delta
+    strategy = DWFL(clip_factor=0.0, max_clip=c_max, max_weight=cap)
+    quiet = strategy.aggregate(GLOBAL, [*honest, attacker(0.0)], branch_of)
+    loud = strategy.aggregate(GLOBAL, [*honest, attacker(100.0)], branch_of)
+    move = l2_norm({k: loud.params[k].astype(np.float64) - quiet.params[k] for k in GLOBAL})
+    assert move <= cap * c_max * (1 + 1e-6) and move > 0.9 * cap * c_max, move
+    assert max(w["evil"] for w in loud.weights.values()) <= cap + 1e-6
+    # the adaptive bound capped by C_max: the whole step is within C_max, the attacker's weight within the cap
+    robust = DWFL(max_clip=c_max, max_weight=cap).aggregate(GLOBAL, [*honest, attacker(100.0)], branch_of)
+    assert robust.clip_bound <= c_max and l2_norm(robust.params) <= c_max * (1 + 1e-6)
+    # without the caps (the old rule) the same attacker takes the model wherever it likes
+    plain = DWFL().aggregate(GLOBAL, [honest[0], attacker(100.0)], branch_of)
+    assert l2_norm(plain.params) > 100 * cap * c_max
+
+
+def test_influence_settings_are_range_checked():
+    for kwargs in ({"max_weight": 0.0}, {"max_weight": 1.5}, {"max_clip": -1.0}, {"max_clip": float("nan")}):
+        with pytest.raises(BadInput, match=next(iter(kwargs))):
+            DWFL(**kwargs)
+
+
+def test_unpublishable_names_the_parameter():
+    ok = {"w": np.ones(3, np.float32)}
+    assert unpublishable(ok, 10.0) is None
+    assert unpublishable({"w": np.array([1.0, np.nan])}, 10.0) == "w: non-finite values"
+    assert "exceeds the bound 10" in unpublishable({**ok, "v": np.array([1e30], np.float32)}, 10.0)

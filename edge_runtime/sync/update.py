@@ -37,6 +37,27 @@ class UpdateError(BadInput):
     """An update that cannot be read or does not fit the model it claims to change."""
 
 
+@dataclass(frozen=True, kw_only=True)
+class Bounds:
+    """What a clinic may claim, set by the federation (the server's configuration): checked on arrival.
+
+    max_n: cases one update may claim (its n is released noised, std 2 x meta noise, about 40-57);
+    min_noise_multiplier: the DP-SGD sigma an update must have been trained with (a real clinic's
+    plan never picks less than accountant.SIGMA_MIN); max_abs: |delta| of any one parameter."""
+
+    max_n: int = MAX_N
+    min_noise_multiplier: float = 0.0
+    max_abs: float = float("inf")
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.max_n, int) and 1 <= self.max_n <= MAX_N):
+            raise BadInput(f"max_n = {self.max_n!r} is out of range [1, {MAX_N}]")
+        if not (np.isfinite(self.min_noise_multiplier) and self.min_noise_multiplier >= 0):
+            raise BadInput(f"min_noise_multiplier = {self.min_noise_multiplier!r} is out of range [0, inf)")
+        if not self.max_abs > 0:  # inf allowed: no bound
+            raise BadInput(f"max_update_abs = {self.max_abs!r} is out of range (0, inf]")
+
+
 @dataclass(frozen=True)
 class Update:
     delta: Params
@@ -120,9 +141,10 @@ def size_limit(reference: Params) -> int:
     return 4 * sum(v.nbytes for v in reference.values()) + 2**16
 
 
-def validate(update: Update, reference: Params, update_id: str | None = None) -> Summary:
-    """Names and shapes of ``reference``, finite float values, metadata in range; the summary that
-    aggregation uses. UpdateError with the reason otherwise."""
+def validate(update: Update, reference: Params, update_id: str | None = None, *, bounds: Bounds = Bounds()) -> Summary:
+    """Names and shapes of ``reference``, finite float values, metadata in range, within the
+    federation's ``bounds`` (every bound exceeded is named); the summary that aggregation uses.
+    UpdateError with the reason otherwise."""
     delta, meta = update.delta, update.meta
     if set(delta) != set(reference):
         raise UpdateError(f"update parameter names differ from the model's ({sorted(set(delta) ^ set(reference))[:3]})")
@@ -145,6 +167,17 @@ def validate(update: Update, reference: Params, update_id: str | None = None) ->
         raise UpdateError("update metadata out of range (n > 0, finite loss >= 0, fractions in [0, 1], sigma >= 0)")
     if update_id is not None and meta.get("update_id", update_id) != update_id:
         raise UpdateError("update id inside the sealed update differs from the envelope's")
+    exceeded = []
+    if n > bounds.max_n:
+        exceeded.append(f"claimed n = {n} exceeds the federation's cap of {bounds.max_n} cases per update")
+    if sigma < bounds.min_noise_multiplier:
+        exceeded.append(f"noise_multiplier = {sigma:g} is below the federation's minimum {bounds.min_noise_multiplier:g} "
+                        "(an update without its DP noise)")
+    top = max(((float(np.max(np.abs(v))) if v.size else 0.0), k) for k, v in delta.items()) if delta else (0.0, "")
+    if top[0] > bounds.max_abs:
+        exceeded.append(f"{top[1]}: |delta| up to {top[0]:.3g} exceeds the federation's bound {bounds.max_abs:g} per parameter")
+    if exceeded:
+        raise UpdateError("update refused: " + "; ".join(exceeded))
     total = norm(delta)
     if not np.isfinite(total):
         raise UpdateError("update norm is not finite")
