@@ -137,17 +137,18 @@ def create_app(srv: Server, tick_seconds: float = 2.0) -> FastAPI:
         except ClientDisconnect:
             log.warning("%s %s from %s: client disconnected after %d of %s body bytes", request.method, request.url.path,
                         peer(request), len(body), request.headers.get("content-length", "?"))
-            raise Refusal(400, "client disconnected during the body") from None  # nobody reads this answer
+            raise Refusal(400, "client disconnected during the body", logged=True) from None  # nobody reads this answer
         except TimeoutError:
             log.warning("%s %s from %s: body too slow, %d of %s bytes; connection closed", request.method, request.url.path,
                         peer(request), len(body), request.headers.get("content-length", "?"))
-            raise Refusal(408, f"body arrived slower than {srv.config.body_min_rate} bytes/s") from None
+            raise Refusal(408, f"body arrived slower than {srv.config.body_min_rate} bytes/s", logged=True) from None
         return bytes(body)
 
     @app.exception_handler(Refusal)
     async def _refusal(request: Request, exc: Refusal) -> JSONResponse:
-        log.info("refused %s %s: %d %s", request.method, request.url.path, exc.status, exc.reason,
-                 extra={"clinic": (request.headers.get(protocol.H_CLINIC) or "-")[:64]})
+        if not exc.logged:
+            log.info("refused %s %s: %d %s", request.method, request.url.path, exc.status, exc.reason,
+                     extra={"clinic": (request.headers.get(protocol.H_CLINIC) or "-")[:64]})
         resp = refuse(exc.status, exc.reason)
         if exc.status == 408:  # a sender that slow is not waited for again on this connection
             resp.headers["Connection"] = "close"

@@ -39,9 +39,10 @@ HEADS_CACHED = 4
 
 
 class Refusal(Exception):
-    def __init__(self, status: int, reason: str) -> None:
+    def __init__(self, status: int, reason: str, *, logged: bool = False) -> None:
         super().__init__(reason)
         self.status, self.reason = status, reason
+        self.logged = logged  # already written to the log as its one line (a disconnect, a slow body)
 
 
 @dataclass
