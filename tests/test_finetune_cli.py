@@ -92,9 +92,11 @@ def test_finetune_round_status_infer_rollback(micro_out, cases, tmp_path):
     delta, meta = read_update(report["update"])
     assert set(delta) == set(np.load(bundle / "head.npz").files)
     assert any(np.abs(d).max() > 0 for d in delta.values())
-    for key in ("n", "val_loss", "modality_fraction", "noise_multiplier", "steps", "epsilon_spent", "update_id"):
+    for key in ("n", "val_loss", "modality_fraction", "noise_multiplier", "update_id"):
         assert key in meta
-    assert meta["noise_multiplier"] == pytest.approx(p["noise_multiplier"]) and meta["steps"] == p["steps"]
+    for key in ("sampling_rate", "steps", "epsilon_round", "epsilon_spent"):  # with the batch size they give n_train exactly
+        assert key not in meta, key
+    assert meta["noise_multiplier"] <= p["noise_multiplier"] < meta["noise_multiplier"] + 0.5 and meta["noise_multiplier"] % 0.5 == 0
     assert "auc" not in json.dumps(meta), "local validation results stay on the clinic"
     assert len(ledger_lines(state)) == 1
 

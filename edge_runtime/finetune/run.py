@@ -187,6 +187,15 @@ def noisy_metadata(rng: np.random.Generator, n_train: int, modality_counts: np.n
     }
 
 
+SIGMA_STEP = 0.5  # the released noise multiplier is floored to this grid (accountant.SIGMA_MIN is 0.5)
+
+
+def released_sigma(sigma: float) -> float:
+    """The DP-SGD noise multiplier as the update releases it: floored to SIGMA_STEP, never above the
+    real one, so a minimum-noise check on the server stays sound and reveals little of q (and n)."""
+    return max(SIGMA_STEP, float(np.floor(sigma / SIGMA_STEP) * SIGMA_STEP))
+
+
 def finetune(bundle: Bundle, manifest: Manifest, state: ClinicState, opts: FinetuneOptions, log=lambda s: None) -> dict:
     opts.check()
     t0 = time.perf_counter()
@@ -237,7 +246,7 @@ def finetune(bundle: Bundle, manifest: Manifest, state: ClinicState, opts: Finet
     round_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
     ledger.open_head()  # first: a dataset registered without a ledger head was deleted, not interrupted
     state.register_dataset(opts.dataset)
-    charge = ledger.charge(round_id, plan.events)  # fsynced before anything derived from this round exists
+    ledger.charge(round_id, plan.events)  # fsynced before anything derived from this round exists
     rng = np.random.default_rng(opts.seed)
     spec = dpsgd.TrainSpec(plan.events.steps, plan.events.sampling_rate, plan.events.noise_multiplier, opts.clip, opts.lr)
 
@@ -259,10 +268,12 @@ def finetune(bundle: Bundle, manifest: Manifest, state: ClinicState, opts: Finet
     meta = {
         "update_id": update_id, "clinic": clinic, "dataset": opts.dataset, "round_id": round_id,
         "model_version": bundle.model_version, "base_head": bundle_head_key(bundle), **meta_release,
-        "noise_multiplier": plan.events.noise_multiplier, "sampling_rate": plan.events.sampling_rate,
-        "steps": plan.events.steps, "clip": opts.clip, "meta_noise_multiplier": plan.events.meta_noise_multiplier,
-        "epsilon_round": round(epsilon([plan.events], delta_), 6), "epsilon_spent": round(charge.epsilon_after, 6),
-        "delta": delta_, "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        # q = batch / n_train and the steps would give the server n_train exactly, undoing the noise on
+        # n; sigma (a function of q for a given budget) goes out coarsened, enough for the server's
+        # minimum-noise check. The exact figures stay in the local report and the ledger.
+        "noise_multiplier": released_sigma(plan.events.noise_multiplier), "clip": opts.clip,
+        "meta_noise_multiplier": plan.events.meta_noise_multiplier, "delta": delta_,
+        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     update_path = state.write_update(update_id, delta, meta)
     baseline = active_eval["auc"]
@@ -281,7 +292,7 @@ def finetune(bundle: Bundle, manifest: Manifest, state: ClinicState, opts: Finet
         "active_before": active.round_id,
         "privacy": {"noise_multiplier": round(plan.events.noise_multiplier, 4), "sampling_rate": round(plan.events.sampling_rate, 5),
                     "steps": plan.events.steps, "clip": opts.clip, "meta_noise_multiplier": plan.events.meta_noise_multiplier,
-                    "epsilon_round": meta["epsilon_round"], **ledger.summary()},
+                    "epsilon_round": round(epsilon([plan.events], delta_), 6), **ledger.summary()},
         "released": meta_release,
         "seconds": {"embed": round(t_embed, 2), "train": round(t_train, 2), "total": round(time.perf_counter() - t0, 2)},
         "peak_rss_mb": round(peak_rss_mb(), 1),
