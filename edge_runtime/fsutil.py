@@ -8,6 +8,8 @@ import re
 import shutil
 import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 # Temporary names carry host and process: after a crash (kill -9, power loss) the next run on the
@@ -136,3 +138,22 @@ def read_text(path: Path, what: str, max_bytes: int) -> str:
         raise BadInput(f"{path}: {what} is binary, not text")
     return text
 
+
+
+@contextmanager
+def exclusive_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (made if missing) between processes on this host: flock on
+    POSIX, msvcrt.locking on Windows. Released when the process dies, so a kill -9 never leaves it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        if os.name == "nt":
+            import msvcrt
+
+            msvcrt.locking(fd, msvcrt.LK_LOCK, 1)  # retries for 10 s, then raises OSError
+        else:
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock

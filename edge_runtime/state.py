@@ -145,7 +145,7 @@ class ClinicState:
         if not self.clinic_file.exists():
             return
         doc = self.clinic(create=False)
-        if doc["clinic_id"] != name and doc["datasets"]:
+        if doc["clinic_id"] != name and self.datasets():  # on disk too: a head written before its dataset was registered
             raise BadInput(f"{self.clinic_file}: this clinic is {doc['clinic_id']!r} (its privacy ledger carries that id); "
                            f"the token enrolls {name!r}: ask for a token for {doc['clinic_id']!r}")
 

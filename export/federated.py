@@ -303,7 +303,7 @@ class Federation:
         strategy_state = state.get("strategy_state")
         if strategy_state is None and state.get("velocity"):  # checkpoints written before strategy_state
             strategy_state = {f"velocity/{k}": v for k, v in state["velocity"].items()}
-        self.strategy.load_state_dict({k: v.numpy() for k, v in (strategy_state or {}).items()})
+        self.strategy.load_state_dict({k: v.cpu().numpy() for k, v in (strategy_state or {}).items()})
         self.site_norms = {int(k): v for k, v in (state.get("site_norms") or {}).items()}
         return int(state["round"])
 

@@ -146,10 +146,11 @@ def clip_scale(norm: float, bound: float) -> float:
 
 
 def clip_bound(norms: Sequence[float], clip_factor: float, max_clip: float = 0.0) -> float:
-    """C = clip_factor x median update norm, at most ``max_clip`` when that is > 0 (0: no clipping).
-    The fixed ceiling is what a single update cannot move: with two or three updates the median is
-    one of them."""
-    adaptive = clip_factor * float(np.median(list(norms))) if len(norms) and clip_factor > 0 else 0.0
+    """C = clip_factor x the lower median update norm, at most ``max_clip`` when that is > 0 (0: no
+    clipping). The lower median is one of the updates' own norms (with two updates, the smaller: the
+    mean of two would let the larger one raise the bound), and the fixed ceiling is what no update moves."""
+    ordered = sorted(float(x) for x in norms)
+    adaptive = clip_factor * ordered[(len(ordered) - 1) // 2] if ordered and clip_factor > 0 else 0.0
     if max_clip > 0:
         return min(adaptive, max_clip) if adaptive > 0 else max_clip
     return adaptive
@@ -260,9 +261,10 @@ def weighted_sum(
 
 def _check_range(name: str, value: float, low: float, high: float = math.inf, *, open_low: bool = False,
                  open_high: bool = False) -> None:
-    ok_low = value > low if open_low else value >= low
-    ok_high = value < high if open_high else value <= high
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and ok_low and ok_high):
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok_low = number and (value > low if open_low else value >= low)  # a string never reaches a comparison
+    ok_high = number and (value < high if open_high else value <= high)
+    if not (ok_low and ok_high):
         lo, hi = "(" if open_low else "[", ")" if open_high or high == math.inf else "]"
         raise BadInput(f"{name} = {value!r} is out of range {lo}{low}, {high}{hi}")
 

@@ -66,6 +66,9 @@ class Config:
         unknown = sorted(set(doc) - set(names))
         if unknown:
             raise BadInput(f"{where}: unknown configuration key(s) {', '.join(map(repr, unknown))} (known: {', '.join(names)})")
+        for f in fields(cls):  # each value of its default's type: a string where a number goes fails here, not per request
+            if f.name in doc and not _same_kind(doc[f.name], f.default):
+                raise BadInput(f"{where}: {f.name} = {doc[f.name]!r} must be {type(f.default).__name__} like its default {f.default!r}")
         config = cls(**doc)
         config.check(where)
         return config
@@ -83,6 +86,14 @@ class Config:
                 (value > low if open_low else value >= low) and value <= high
             if not ok or (key == "max_n" and not isinstance(value, int)):
                 raise BadInput(f"{where}: {key} = {value!r} is out of range {'(' if open_low else '['}{low:g}, {high:g}]")
+
+
+def _same_kind(value, default) -> bool:
+    if isinstance(default, bool) or isinstance(value, bool):
+        return type(value) is type(default)
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    return isinstance(value, type(default))
 
 
 class Home:

@@ -122,6 +122,8 @@ def aggregate_round(srv: Server, round_id: int) -> int | None:
     for clinic, reason in result.rejected:
         log.warning("update rejected at aggregation: %s", reason, extra={"clinic": clinic, "round": round_id})
     bad = unpublishable(result.params, srv.config.max_param_abs)
+    if not result.accepted:
+        bad = "no usable update: " + "; ".join(f"{c}: {r}" for c, r in result.rejected)[:500]
     if bad:  # checked before anything is published: the round fails with the reason, the model stays
         reason = f"aggregated model refused before publication: {bad}"
         log.error("round %d: %s", round_id, reason, extra={"round": round_id})

@@ -79,7 +79,10 @@ class Server:
         self._heads: dict[int, dict[str, np.ndarray]] = {}
         # built at start so that a setting out of range is refused before serving; DW-FL keeps no
         # server state (a strategy that does would be saved with each version it makes)
-        self.strategy = DWFL(beta=self.config.beta, max_weight=self.config.max_client_weight)
+        try:
+            self.strategy = DWFL(beta=self.config.beta, max_weight=self.config.max_client_weight)
+        except BadInput as exc:
+            raise BadInput(f"{home.config_path}: {exc}") from None
         self.bounds = codec.Bounds(max_n=self.config.max_n, min_noise_multiplier=self.config.min_noise_multiplier,
                                    max_abs=self.config.max_update_abs)
 

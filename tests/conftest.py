@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# Hermetic: a command run without --state never reads or writes the developer's ~/.dwfl-edge (its
+# pinned bundle signer would refuse this session's freshly made keys). Subprocesses inherit it.
+os.environ["EDGE_RUN_STATE"] = tempfile.mkdtemp(prefix="dwfl-test-state-")
 
 # Runs a CLI with torch made unimportable, the way a clinic without it sees it (ModuleNotFoundError):
 # proves the clinic path never needs it. (sys.modules['torch'] = None would break scipy, which
@@ -27,7 +34,7 @@ def run_cli(module: str, prog: str, *args: str, block_torch: bool = False, timeo
         cmd = [sys.executable, "-c", NO_TORCH.format(module=module, prog=prog), *args]
     else:
         cmd = [sys.executable, "-m", module, *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)  # this tree's code, not an installed copy
 
 
 def edge_run(*args: str, block_torch: bool = True) -> subprocess.CompletedProcess:

@@ -255,13 +255,27 @@ def test_torn_last_line_is_dropped_and_the_next_charge_follows(tmp_path):
     with open(folder / "ledger.jsonl", "ab") as fh:
         fh.write(whole[:57])  # a second line cut mid-way
     again = Ledger(folder, "clinic-a", "ds")
-    assert len(again.charges) == 1 and (folder / "ledger.jsonl").read_bytes() == whole, "torn bytes cut off"
-    again.charge("r1", RoundEvents(0.1, 12.0, 30, 30.0))
+    assert len(again.charges) == 1, "torn bytes ignored"
+    # A reader never cuts: the bytes could be another run's append still being written (review finding).
+    assert (folder / "ledger.jsonl").read_bytes() == whole + whole[:57]
+    again.charge("r1", RoundEvents(0.1, 12.0, 30, 30.0))  # under the ledger lock: cut, then appended
+    assert (folder / "ledger.jsonl").read_bytes().startswith(whole + b"{") and b"\n{" in (folder / "ledger.jsonl").read_bytes()
     assert [c.seq for c in Ledger(folder, "clinic-a", "ds").charges] == [1, 2]
     with open(folder / "ledger.jsonl", "ab") as fh:  # torn bytes appear under a reader that already read
         fh.write(b'{"format": 1, "se')
     again.charge("r2", RoundEvents(0.1, 12.0, 30, 30.0))
     assert [c.round_id for c in Ledger(folder, "clinic-a", "ds").charges] == ["r0", "r1", "r2"]
+
+
+def test_a_budget_or_delta_close_to_the_recorded_one_keeps_the_recorded_value(tmp_path):
+    """Review finding: a value isclose() to the recorded one was written into the next line as asked,
+    and the next read refused that line as an edit (a lock-out)."""
+    folder = tmp_path / "p"
+    Ledger(folder, "clinic-a", "ds", 0.5, 1e-5).charge("r0", RoundEvents(0.1, 12.0, 30, 30.0))
+    near = Ledger(folder, "clinic-a", "ds", 0.5 * (1 + 1e-12), 1e-5 * (1 - 1e-12))
+    assert near.epsilon_total == 0.5 and near.delta == 1e-5
+    near.charge("r1", RoundEvents(0.1, 12.0, 30, 30.0))
+    assert len(Ledger(folder, "clinic-a", "ds").charges) == 2
 
 
 def test_a_torn_line_the_head_counts_is_still_refused(tmp_path):

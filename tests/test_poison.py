@@ -140,10 +140,11 @@ def store(srv: Server, name: str, path: Path, uid: str):
 def test_huge_aggregate_is_not_published_round_failed_with_the_reason(loose_server, tmp_path):
     srv = loose_server
     head = srv.head_params(1)
-    assert store(srv, "honest", *write_fake_update(tmp_path / "h", head, 1)).status == "stored"
+    # alone in its round: the lower-median clip bound is its own norm, so only the check before
+    # publishing stands between it and the next version
     assert store(srv, "mallory", *crafted(tmp_path / "m", head, value=1e30, n=10**9, sigma=0.0)).status == "stored"
     with srv.engine.begin() as conn:
-        conn.execute(db.rounds.update().where(db.rounds.c.id == 1).values(min_clients=2))
+        conn.execute(db.rounds.update().where(db.rounds.c.id == 1).values(min_clients=1))
     assert rounds_mod.tick(srv) == []
     with srv.engine.connect() as conn:
         r1, r2 = conn.execute(select(db.rounds).order_by(db.rounds.c.id)).all()

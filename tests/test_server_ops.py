@@ -40,6 +40,19 @@ def test_unknown_config_key_refused_at_start(tmp_path):
     assert Config.from_dict({"min_clients": 7}).min_clients == 7
 
 
+@pytest.mark.parametrize("key, value, says", [("beta", "0.3", "must be float"), ("body_reads", "4", "must be int"),
+                                              ("beta", 2.0, "out of range"), ("min_clients", True, "must be int")])
+def test_config_value_of_the_wrong_kind_or_range_refused_in_one_line(tmp_path, key, value, says):
+    """Review finding: "beta": "0.3" crashed every edge-server command with a TypeError traceback."""
+    home = tmp_path / "srv"
+    assert edge_server("init", "--home", str(home)).returncode == 0
+    doc = json.loads((home / "config.json").read_text())
+    (home / "config.json").write_text(json.dumps({**doc, key: value}))
+    proc = edge_server("token", "--home", str(home), "--clinic", "north")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and str(home / "config.json") in lines[0] and key in lines[0] and says in lines[0], proc.stderr
+
+
 @pytest.fixture
 def server(tmp_path, micro_out):
     home = Home(tmp_path / "srv")

@@ -28,7 +28,7 @@ from importlib import metadata
 from pathlib import Path
 
 from ..errors import BadInput, Refused
-from ..fsutil import fsync_dir, write_atomic
+from ..fsutil import exclusive_lock, fsync_dir, write_atomic
 from .accountant import RoundEvents, epsilon
 
 GENESIS = "0" * 64
@@ -37,6 +37,7 @@ DEFAULT_DELTA = 1e-5
 LEDGER_FORMAT = 1
 ACCOUNTANT = "rdp"  # dp_accounting.rdp.RdpAccountant, add-or-remove-one neighbours (accountant.epsilon)
 HEAD_FILE = "ledger.head.json"
+LOCK_FILE = "ledger.lock"
 
 
 class LedgerError(BadInput):
@@ -102,7 +103,7 @@ class Ledger:
         if recorded is not None and not math.isclose(float(asked), recorded, rel_tol=1e-9, abs_tol=0.0):
             raise LedgerMismatch(f"{self.path}: {what} of dataset {self.dataset!r} was fixed at {recorded:g} by its first round "
                                  f"and is kept in its ledger; {float(asked):g} was asked for (leave {option} out to use the ledger's)")
-        return float(asked)
+        return float(recorded if recorded is not None else asked)  # the recorded one, never a near-equal copy
 
     # ------------------------------------------------------------ reading
 
@@ -121,15 +122,13 @@ class Ledger:
         for i, line in enumerate(lines, start=1):
             self._accept(line, i)
         self._size = len(whole)
-        tail = data[len(whole):]
         if head is None:
             if len(self.charges) > 1:
                 raise LedgerError(f"{self.path}: ledger has no {self.head_path.name} (corrupt or edited state folder)")
             head = {"count": 0, "last_hash": GENESIS}  # a crash between the first line and its head
-        if tail and head["count"] in (len(self.charges), len(self.charges) - 1):
-            # Torn last line: its append never finished, so its charge() never returned and nothing
-            # of that round left the process. Dropped (the file is cut back when it can be written).
-            self._drop_tail()
+        # Bytes after the last newline are a torn line (its charge() never returned, nothing of that
+        # round left the process) or another run's append still being written: ignored here, cut
+        # only by charge() under the ledger lock, where the two can be told apart.
         if head["count"] != len(self.charges) or head["last_hash"] != self._last:
             # The head is written after the line; one extra fsynced line means a crash in between,
             # which counts (over-counting is safe). Fewer lines than the head says is tampering.
@@ -139,12 +138,6 @@ class Ledger:
                 raise LedgerError(
                     f"{self.path}: ledger holds {len(self.charges)} charges but {self.head_path.name} records {head['count']} (truncated or edited)"
                 )
-
-    def _drop_tail(self) -> None:
-        try:
-            os.truncate(self.path, self._size)
-        except OSError:
-            pass  # read-only: the torn bytes stay ignored, and charge() cuts them before appending
 
     def _read_head(self) -> dict | None:
         if not self.head_path.exists():
@@ -218,6 +211,10 @@ class Ledger:
         """Append one round's events, whole, and fsync (file, then folder) before returning. On any
         failure (disk full) the file is cut back to its previous size and the error raised."""
         self.folder.mkdir(parents=True, exist_ok=True)
+        with exclusive_lock(self.folder / LOCK_FILE):  # one charge at a time, across processes
+            return self._charge_locked(round_id, events)
+
+    def _charge_locked(self, round_id: str, events: RoundEvents) -> Charge:
         after = epsilon([*self.rounds, events], self.delta)
         entry = {
             "format": LEDGER_FORMAT, "seq": len(self.charges) + 1, "prev": self._last, "clinic": self.clinic, "dataset": self.dataset,
