@@ -153,16 +153,24 @@ class FederationSpec:
     local_norm: bool = True  # FedBN: normalisation layers stay at each site, never averaged
     device: str = "cpu"
     init_checkpoint: Path | None = None  # local pretrained weights (transfer learning); never downloaded
+    strategy_options: tuple[tuple[str, float], ...] = ()  # further constructor settings, e.g. (("eta", 2.0),)
+
+
+# The spec's own fields each strategy takes (the rest come through strategy_options).
+SPEC_SETTINGS = {"dwfl": ("beta", "temperature", "dynamic"), "fedprox": ("mu",), "dwfl_mw": ("beta",), "dwfl_pow": ("beta",)}
 
 
 def make_strategy(spec: FederationSpec) -> Strategy:
     if spec.strategy not in STRATEGIES:
         raise BadInput(f"unknown strategy {spec.strategy!r}: choose one of {', '.join(STRATEGIES)}")
-    if spec.strategy == "dwfl":
-        return STRATEGIES["dwfl"](beta=spec.beta, temperature=spec.temperature, dynamic=spec.dynamic)
-    if spec.strategy == "fedprox":
-        return STRATEGIES["fedprox"](mu=spec.mu)
-    return STRATEGIES[spec.strategy]()
+    cls = STRATEGIES[spec.strategy]
+    options = {k: getattr(spec, k) for k in SPEC_SETTINGS.get(spec.strategy, ())}
+    options.update(dict(spec.strategy_options))
+    known = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise BadInput(f"strategy {spec.strategy!r} has no setting {', '.join(unknown)}")
+    return cls(**options)
 
 
 def run_federation(
