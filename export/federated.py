@@ -154,6 +154,11 @@ class FederationSpec:
     device: str = "cpu"
     init_checkpoint: Path | None = None  # local pretrained weights (transfer learning); never downloaded
     strategy_options: tuple[tuple[str, float], ...] = ()  # further constructor settings, e.g. (("eta", 2.0),)
+    site_cases: tuple[int, ...] = ()  # training cases per site, overriding cases_per_site (a small site)
+    prevalence: tuple[tuple[int, float], ...] = ()  # (site, prevalence) overriding the cohort's profile
+
+    def train_cases(self, site: int) -> int:
+        return self.site_cases[site] if site < len(self.site_cases) else self.cases_per_site
 
 
 # The spec's own fields each strategy takes (the rest come through strategy_options).
@@ -318,8 +323,12 @@ class Federation:
 
 def prepare_cohort(cfg: PipelineConfig, spec: FederationSpec, seed: int) -> tuple[SyntheticCohort, Preprocessing]:
     cohort = SyntheticCohort(SynthConfig(seed=seed, n_sites=spec.sites, spec=cfg.input, label_alpha=spec.label_alpha))
+    for site, prevalence in spec.prevalence:
+        if not (0 <= site < spec.sites and 0.0 < prevalence < 1.0):
+            raise BadInput(f"prevalence override ({site}, {prevalence}): needs a site in [0, {spec.sites}) and 0 < p < 1")
+        cohort.sites[site] = dataclasses.replace(cohort.sites[site], prevalence=float(prevalence))
     pre = fit_preprocessing(
-        (cohort.case(k * SITE_STRIDE + i, site=k) for k in range(spec.sites) for i in range(min(16, spec.cases_per_site))),
+        (cohort.case(k * SITE_STRIDE + i, site=k) for k in range(spec.sites) for i in range(min(16, spec.train_cases(k)))),
         cfg.input,
     )
     return cohort, pre
@@ -335,7 +344,7 @@ def prepare_sites(cohort: SyntheticCohort, pre: Preprocessing, spec: FederationS
             return _site_cases(cohort, pre, folder / f"site{k}" / split, range(base + start, base + start + count), k)
 
         test = cases("test", TEST_OFFSET, spec.test_per_site) if spec.test_per_site else None
-        sites.append(Site(k, cases("train", 0, spec.cases_per_site), cases("val", VAL_OFFSET, spec.val_per_site), test))
+        sites.append(Site(k, cases("train", 0, spec.train_cases(k)), cases("val", VAL_OFFSET, spec.val_per_site), test))
     return sites
 
 
