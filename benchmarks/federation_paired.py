@@ -24,8 +24,13 @@ Tiers:
         validation loss, n and modality fractions released through ``noisy_metadata`` (z = 20) as the
         clinics release them; the dynamic term sees only the noised loss (Deliver 4).
   tiny  (``--tier tiny``): the tiny teacher federated end to end (export.federated.run_federation),
-        same sites; about 25 min of CPU per (seed, strategy) on 2 cores at these sizes, so 10 seeds x
-        9 runs is about 40 h here, or about 1 h on a 16-core GPU machine with --jobs 15 --device cuda.
+        same sites, 500 test cases per site. Not run yet. Estimate, scaled from federation_noniid's
+        90 s per run at 4 sites x 216 cases: about 4 min per (seed, strategy) on 2 cores (3,744 cases
+        prepared per run), so 10 seeds x 11 runs is about 7 h here; on the 16-core GPU machine
+        (--jobs 15 --device cuda, ~110 s per run there at the old sizes) about 35 min, or about 14 min
+        for --strategies fedavg,dwfl,dwfl_mw,dwfl_pow. Runs longer than one call can be split by seeds
+        (--seeds 0-4 --tag a, --seeds 5-9 --tag b) and summarised together with --merge.
+        ``--config micro`` is a smoke check of the same path (26 s for 3 runs of one seed here).
 
 Usage:
   python benchmarks/federation_paired.py [--tier fast|fast-dp|tiny] [--seeds 0-49] [--jobs 1]
@@ -339,7 +344,7 @@ def run_seed_tiny(job: dict) -> dict:
 
     torch.set_num_threads(job["threads"])
     seed = job["seed"]
-    cfg = get_config("tiny")
+    cfg = get_config(job.get("config", "tiny"))
     cohort = cohort_for(seed, cfg.input)
     start = time.perf_counter()
     out = {"seed": seed, "runs": {}, "oracle_auc": [], "prevalence_test": []}
@@ -392,7 +397,8 @@ def summarise(seeds: list[dict], strategies: list[str]) -> dict:
     table, paired = {}, {}
     for name in strategies:
         aucs = np.array([s["runs"][name]["test_auc"] for s in seeds])  # seeds x sites
-        table[name] = {"mean_auc": round(float(aucs.mean()), 4), "mean_auc_sd_over_seeds": round(float(aucs.mean(1).std(ddof=1)), 4),
+        sd = float(aucs.mean(1).std(ddof=1)) if len(seeds) > 1 else math.nan
+        table[name] = {"mean_auc": round(float(aucs.mean()), 4), "mean_auc_sd_over_seeds": round(sd, 4),
                        "worst_site_auc": round(float(aucs.min(1).mean()), 4),
                        "per_site_auc": [round(float(x), 4) for x in aucs.mean(0)]}
     oracle = np.array([s["oracle_auc"] for s in seeds])
@@ -433,8 +439,10 @@ def plot(seeds: list[dict], summary: dict, strategies: list[str], tier: str, pat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    dynamic = [n for n in ("dwfl", "dwfl_mw", "dwfl_pow", "qfedavg") if n in strategies]
-    fig, axes = plt.subplots(1, len(dynamic) + 1, figsize=(4.2 * (len(dynamic) + 1), 4.2))
+    dynamic = [n for n in ("dwfl", "dwfl_mw", "dwfl_pow", "qfedavg") if n in strategies
+               and all(s["runs"][n].get("weights") for s in seeds)]
+    fig, axes = plt.subplots(1, len(dynamic) + 1, figsize=(4.2 * (len(dynamic) + 1), 4.2), squeeze=False)
+    axes = axes[0]
     for ax, name in zip(axes, dynamic):
         w = np.array([s["runs"][name]["weights"] for s in seeds])  # seeds x rounds x sites
         mean = w.mean(0)
@@ -486,6 +494,24 @@ def tune() -> None:
     print(json.dumps({"grid": grid, "chosen": chosen}, indent=1))
 
 
+def compact(results: list[dict]) -> tuple[list[dict], dict]:
+    """The site x seed AUC table for the result file (rounded), and the weights as their mean over
+    seeds per round and site (what the figure shows), with seed ``results[0]``'s own beside them."""
+    per_seed, weights = [], {}
+    for r in results:
+        per_seed.append({"seed": r["seed"], "seconds": r.get("seconds"),
+                         "oracle_auc": [round(x, 4) for x in r["oracle_auc"]],
+                         "prevalence_test": [round(x, 3) for x in r["prevalence_test"]],
+                         "runs": {n: {"test_auc": [round(x, 4) for x in v["test_auc"]],
+                                      "val_auc": [round(x, 4) for x in v["val_auc"]]} for n, v in r["runs"].items()}})
+    for name in results[0]["runs"] if results else ():
+        w = np.array([r["runs"][name].get("weights", []) for r in results])
+        if w.size:
+            weights[name] = {"mean_over_seeds": np.round(w.mean(0), 4).tolist(),
+                             f"seed{results[0]['seed']}": np.round(w[0], 4).tolist()}
+    return per_seed, weights
+
+
 def parse_seeds(text: str) -> list[int]:
     if "-" in text and "," not in text:
         lo, hi = (int(x) for x in text.split("-"))
@@ -500,19 +526,34 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="seeds in parallel processes")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (tiny tier)")
     parser.add_argument("--device", default="cpu", help="tiny tier only")
+    parser.add_argument("--config", default="tiny", help="tiny tier only: the teacher config (micro: a smoke check)")
+    parser.add_argument("--strategies", default="", help="a comma-separated subset of the tier's (default: all)")
     parser.add_argument("--tag", default="")
     parser.add_argument("--tune", action="store_true", help="the server-side grid on the tuning seeds (fast tier)")
+    parser.add_argument("--merge", default="", help="comma-separated result JSONs of one tier (split runs): summarise them together")
     args = parser.parse_args()
     if args.tune:
         tune()
         return
     seeds = parse_seeds(args.seeds)
     strategies = list(TIER_STRATEGIES[args.tier])
+    if args.strategies:
+        unknown = sorted(set(args.strategies.split(",")) - set(strategies))
+        if unknown or "fedavg" not in args.strategies.split(","):
+            parser.error(f"--strategies: {unknown or 'fedavg (the reference of every paired difference)'} not in {strategies}")
+        strategies = args.strategies.split(",")
     worker = run_seed_tiny if args.tier == "tiny" else run_seed_fast
-    jobs = [{"seed": s, "tier": args.tier, "strategies": strategies, "threads": args.threads, "device": args.device}
-            for s in seeds]
+    jobs = [{"seed": s, "tier": args.tier, "strategies": strategies, "threads": args.threads, "device": args.device,
+             "config": args.config} for s in seeds]
     start = time.perf_counter()
-    if args.jobs > 1:
+    if args.merge:
+        docs = [json.loads(Path(f).read_text()) for f in args.merge.split(",")]
+        results = sorted((r for d in docs for r in d["per_seed"]), key=lambda r: r["seed"])
+        if len({r["seed"] for r in results}) != len(results):
+            parser.error("--merge: the files share seeds")
+        seeds = [r["seed"] for r in results]
+        strategies = [n for n in strategies if all(n in r["runs"] for r in results)]
+    elif args.jobs > 1:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
@@ -521,7 +562,8 @@ def main() -> None:
     else:
         results = [worker(job) for job in jobs]
     summary = summarise(results, strategies)
-    name = f"federation_paired_{args.tier.replace('-', '_')}" + (f"_{args.tag}" if args.tag else "")
+    tag = args.tag or (args.config if args.tier == "tiny" and args.config != "tiny" else "")
+    name = f"federation_paired_{args.tier.replace('-', '_')}" + (f"_{tag}" if tag else "")
     settings = {"sites": N_SITES, "train_cases": TRAIN_CASES, "val_cases": VAL_CASES, "test_cases": TEST_CASES[args.tier],
                 "label_alpha": LABEL_ALPHA, "prevalence_override": PREVALENCE, "rounds": ROUNDS[args.tier],
                 "local_epochs": LOCAL_EPOCHS, "strategy_settings": STRATEGY_SETTINGS, "seeds": seeds,
@@ -530,7 +572,8 @@ def main() -> None:
                 "worst_site_under_fedavg": "per seed, argmin of FedAvg's final validation AUC"}
     figures = {**summary, "meets_target": verdict(summary["paired_vs_fedavg"]),
                "wall_seconds": round(time.perf_counter() - start, 1)}
-    write_result(name, figures, {"settings": settings, "per_seed": results})
+    per_seed, weights = compact(results)
+    write_result(name, figures, {"settings": settings, "weights_per_round": weights, "per_seed": per_seed})
     plot(results, summary, strategies, args.tier, png_path(name))
     print(json.dumps({"table": summary["table"], "paired_vs_fedavg": {k: {kk: vv for kk, vv in v.items() if kk != "per_site"}
                                                                       for k, v in summary["paired_vs_fedavg"].items()},

@@ -380,7 +380,8 @@ def momentum_step(velocity: np.ndarray, delta: np.ndarray, momentum: float) -> n
 # equal data shares), and one client moves θ by at most η_s w_k C_Δ, C_Δ the clip bound. That product
 # is the L2 sensitivity a server-side Gaussian mechanism must be calibrated to (noise sd σ η_s w_max
 # C_Δ); it holds as a DP sensitivity only with a fixed C_Δ: the default C_Δ = 3 x median norm depends
-# on the other clients' updates.
+# on the other clients' updates. For a modality branch d is renormalised over the clients that have
+# the modality, so there the bound is C/K divided by their share of d (at least c/K each).
 
 DYNAMIC_RULES = ("mw", "power")
 

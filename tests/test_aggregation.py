@@ -4,6 +4,8 @@ configuration, server state)."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -251,7 +253,7 @@ def test_branches_are_the_runtime_modalities():
 
 # ---------------------------------------------------------------- issue 15: dynamic weights with memory, baselines
 
-from federation.aggregation import (  # noqa: E402
+from federation.aggregation import (
     STRATEGIES,
     DWFLMemory,
     DWFLPower,
@@ -267,7 +269,7 @@ from federation.aggregation import (  # noqa: E402
     relative_losses,
 )
 
-MW = dict(eta=2.0, smoothing=0.1, floor=0.25, cap=3.0)
+MW = {"eta": 2.0, "smoothing": 0.1, "floor": 0.25, "cap": 3.0}
 
 
 def test_mw_shares_by_hand():
@@ -333,7 +335,7 @@ def test_mw_memory_a_client_that_stays_worst_keeps_gaining():
         metas = [UpdateMeta("a", 100, 0.5), UpdateMeta("b", 100, 0.5), UpdateMeta("c", 100, 0.6)]
         gains.append(strategy.aggregate(GLOBAL, [update(m.client, 100, m.val_loss, 1.0) for m in metas], branch_of)
                      .weights["shared"]["c"])
-    assert all(later > earlier for earlier, later in zip(gains, gains[1:])), gains
+    assert all(later > earlier for earlier, later in itertools.pairwise(gains)), gains
     # the old DW-FL forgets: the same losses give the same weight every round
     old = [DWFL().aggregate(GLOBAL, [update("a", 100, 0.5, 1.0), update("b", 100, 0.5, 1.0), update("c", 100, 0.6, 1.0)],
                             branch_of).weights["shared"]["c"] for _ in range(2)]
@@ -459,7 +461,7 @@ def test_each_update_is_loaded_once_by_the_new_strategies():
     for name in ("dwfl_mw", "dwfl_pow", "qfedavg", "fedadam", "fedyogi"):
         loads = []
 
-        def loader(i):
+        def loader(i, loads=loads):
             def load():
                 loads.append(i)
                 return delta_of(float(i))

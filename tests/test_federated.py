@@ -273,12 +273,12 @@ def test_registry_makes_every_strategy_with_its_options():
 @pytest.mark.parametrize("strategy", ["dwfl_mw", "fedyogi"])
 def test_new_strategy_state_survives_a_resumed_run(tmp_path, strategy):
     """dwfl_mw's per-site lambda and FedYogi's moments go through the checkpoint like FedAvgM's velocity."""
-    spec = FederationSpec(sites=2, rounds=1, strategy=strategy, cases_per_site=8, val_per_site=6)
+    import torch
+
     from export.federated import Federation, prepare_cohort, prepare_sites
     from export.models import Teacher
 
-    import torch
-
+    spec = FederationSpec(sites=2, rounds=1, strategy=strategy, cases_per_site=8, val_per_site=6)
     cohort, pre = prepare_cohort(CFG, spec, seed=0)
     sites = prepare_sites(cohort, pre, spec, tmp_path / "cases")
 
