@@ -48,3 +48,9 @@ def test_one_seed_runs_every_strategy_and_weights_sum_to_one():
         r = B.run_fast(name, sites, 7, "fast")
         assert len(r["test_auc"]) == B.N_SITES and all(0.0 <= a <= 1.0 for a in r["test_auc"])
         assert len(r["weights"]) == B.ROUNDS["fast"] and all(abs(sum(w) - 1) < 1e-4 for w in r["weights"])
+
+
+def test_observed_oracle_is_the_likelihood_ratio_by_hand():
+    # two modalities present, f = (1.0, 0.5): 2 * 0.7 * 1.5 / (1 + 2 * 0.16)
+    score = B.observed_oracle(np.array([1.0, 9.0, 0.5]), np.array([True, False, True]))
+    assert abs(score - 2 * 0.7 * 1.5 / 1.32) < 1e-12
