@@ -383,9 +383,6 @@ def momentum_step(velocity: np.ndarray, delta: np.ndarray, momentum: float) -> n
 # on the other clients' updates. For a modality branch d is renormalised over the clients that have
 # the modality, so there the bound is C/K divided by their share of d (at least c/K each).
 
-DYNAMIC_RULES = ("mw", "power")
-
-
 def relative_losses(losses: np.ndarray) -> np.ndarray:
     """L_k / mean_j L_j: unchanged when every loss is multiplied by the same factor (all ones when the
     mean is not positive)."""
@@ -407,9 +404,8 @@ def capped_simplex(v: np.ndarray, low: float, high: float) -> np.ndarray:
     v = np.maximum(v, 0.0)
     if v.sum() <= 0:
         return np.full(k, 1.0 / k)
-    v = v / v.sum()
-    positive = v[v > 0]
-    lo_t, hi_t = math.log(low / positive.max()) if low > 0 else -800.0, math.log(high / positive.min()) + 1.0
+    v = np.maximum(v / v.sum(), 1e-12)  # a zero entry still gets its share of what the caps leave
+    lo_t, hi_t = math.log(low / v.max()) if low > 0 else -800.0, math.log(high / v.min()) + 1.0
     for _ in range(200):  # Σ clip(t v, low, high) is non-decreasing in t
         mid = 0.5 * (lo_t + hi_t)
         if np.clip(math.exp(mid) * v, low, high).sum() < 1.0:
@@ -541,7 +537,7 @@ class DWFLMemory(_DynamicWithMemory):
     A client that stays worst keeps gaining, up to C/K; λ is kept per client name in ``state_dict()``
     (a restarted server goes on where it stopped; absent clients keep theirs; a client never seen
     starts at the uniform share). Bound on one client's influence (see the comment above
-    ``DYNAMIC_RULES``): w_k ≤ (1 - β) a_k + β C/K with fresh updates, its move ≤ η_s w_k C_Δ."""
+    ``relative_losses``): w_k ≤ (1 - β) a_k + β C/K with fresh updates, its move ≤ η_s w_k C_Δ."""
 
     name: ClassVar[str] = "dwfl_mw"
     eta: float = 2.0  # step on the relative loss gap (r_k - 1)
@@ -561,7 +557,7 @@ class DWFLMemory(_DynamicWithMemory):
     def _commit(self, metas: Sequence[UpdateMeta]) -> None:
         clients = [m.client for m in metas]
         new = self.dynamic_shares(metas) * _prior(self.lam, clients).sum()  # keeps the present clients' total mass
-        self.lam.update({c: float(v) for c, v in zip(clients, new)})
+        self.lam.update({c: float(max(v, 1e-12)) for c, v in zip(clients, new)})
 
     def state_dict(self) -> Params:
         return {f"lambda/{c}": np.array(v) for c, v in self.lam.items()}

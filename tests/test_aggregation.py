@@ -284,6 +284,7 @@ def test_capped_simplex_by_hand_and_caps_bind():
     # [0.1, 0.2, 0.7] with caps [0.2, 0.5]: 0.7 -> 0.5, 0.1 -> 0.2, the middle takes the rest (0.3) = t v with t = 1.5.
     assert np.allclose(capped_simplex(np.array([0.1, 0.2, 0.7]), 0.2, 0.5), [0.2, 0.3, 0.5])
     assert np.allclose(capped_simplex(np.array([1.0, 1.0]), 0.0, 1.0), [0.5, 0.5])
+    assert np.allclose(capped_simplex(np.array([1.0, 0.0, 0.0]), 0.1, 0.5), [0.5, 0.25, 0.25]), "zeros share what the cap leaves"
     with pytest.raises(ValueError, match="cannot hold"):
         capped_simplex(np.ones(3), 0.5, 1.0)
 
