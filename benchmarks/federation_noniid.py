@@ -11,6 +11,7 @@ best validation epoch.
 
 Variants (name: what changes from the defaults: FedBN on, multi-task on, no pretrained start):
   dwfl, fedavg, fedprox, fedavgm, centralized, local
+  dwfl_mw, dwfl_pow, fedadam, fedyogi, qfedavg: issue 15's rules and baselines (not in the default list)
   dwfl_T0.2 / dwfl_rel0.1: the DW-FL temperature T and the "relative" dynamic term
   *_shared_norm: FedBN off (norm layers averaged); *_no_multitask: auxiliary risk task off;
   *_transfer: starts from a teacher pretrained centrally on another cohort (a local file).
@@ -52,6 +53,15 @@ VARIANTS: dict[str, dict] = {
     "fedavg_transfer": {"strategy": "fedavg", "transfer": True},
 }
 DEFAULT_VARIANTS = ",".join(VARIANTS)
+# Issue 15's rules and baselines (on request; the paired comparison is benchmarks/federation_paired.py),
+# at the settings federation_paired.py chose on its tuning seeds.
+VARIANTS.update({
+    "dwfl_mw": {"strategy": "dwfl_mw", "strategy_options": (("eta", 1.0),)},
+    "dwfl_pow": {"strategy": "dwfl_pow", "strategy_options": (("q", 5.0),)},
+    "fedadam": {"strategy": "fedadam", "strategy_options": (("server_lr", 0.01),)},
+    "fedyogi": {"strategy": "fedyogi", "strategy_options": (("server_lr", 0.01),)},
+    "qfedavg": {"strategy": "qfedavg", "strategy_options": (("q", 1.0), ("lipschitz", 0.1))},
+})
 PRETRAIN_SEED_OFFSET = 10_000  # the pretraining cohort shares no case or site profile with the federation's
 
 
@@ -116,7 +126,7 @@ def main() -> None:
     parser.add_argument("--test-per-site", type=int, default=80)
     parser.add_argument("--label-alpha", type=float, default=0.5)
     parser.add_argument("--config", default="tiny")
-    parser.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated, from: {DEFAULT_VARIANTS}")
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated, from: {','.join(VARIANTS)}")
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel processes")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per run")
     parser.add_argument("--device", default="cpu")

@@ -10,8 +10,11 @@ import click
 
 from edge_runtime.cliutil import handle_errors
 from edge_runtime.errors import BadInput
+from federation.aggregation import STRATEGIES
 
 from .config import CONFIGS, TEST_START, VARIANT_NAMES, get_config
+
+STRATEGY_NAMES = tuple(STRATEGIES)
 
 
 def check_device(name: str) -> str:
@@ -245,8 +248,10 @@ def bundle(work: Path, out: Path | None, config_name: str, seed: int, signing_ke
 @click.option("--sites", default=4, show_default=True, type=click.IntRange(1, 64), help="Simulated sites (non-IID).")
 @click.option("--rounds", default=5, show_default=True, type=click.IntRange(1, 10_000), help="Federated rounds.")
 @click.option("--strategy", default="dwfl", show_default=True,
-              type=click.Choice(["dwfl", "fedavg", "fedprox", "fedavgm", "centralized", "local"]),
+              type=click.Choice([*STRATEGY_NAMES, "centralized", "local"]),
               help="Aggregation rule, or a reference point: centralized (pooled data) / local (each site alone).")
+@click.option("--strategy-option", "strategy_options", multiple=True, metavar="KEY=VALUE",
+              help="A numeric setting of the strategy's constructor (repeatable), e.g. eta=2 for dwfl_mw, q=1 for qfedavg.")
 @click.option("--config", "config_name", default="tiny", show_default=True, type=click.Choice(sorted(CONFIGS)), help="Model size.")
 @click.option("--cases-per-site", default=120, show_default=True, type=click.IntRange(4, 1_000_000))
 @click.option("--val-per-site", default=40, show_default=True, type=click.IntRange(2, 1_000_000))
@@ -272,7 +277,8 @@ def bundle(work: Path, out: Path | None, config_name: str, seed: int, signing_ke
 def train_teacher(out: Path | None, sites: int, rounds: int, strategy: str, config_name: str, cases_per_site: int,
                   val_per_site: int, test_per_site: int, local_epochs: int, beta: float, temperature: float, dynamic: str,
                   label_alpha: float | None, local_norm: bool, aux_weight: float | None, seed: int, resume: bool,
-                  threads: int, device: str, init_checkpoint: Path | None, work: Path | None, as_json: bool) -> None:
+                  threads: int, device: str, init_checkpoint: Path | None, work: Path | None, as_json: bool,
+                  strategy_options: tuple[str, ...] = ()) -> None:
     """Federated teacher training, simulated: each site streams only its own cases; per round the
     per-site validation AUC and aggregation weights are logged (OUT/rounds.jsonl) and checkpointed.
     With --work instead of --out: the pipeline's first stage, the same federation (DW-FL over the
@@ -295,7 +301,8 @@ def train_teacher(out: Path | None, sites: int, rounds: int, strategy: str, conf
     spec = FederationSpec(sites=sites, rounds=rounds, strategy=strategy, local_epochs=local_epochs,
                           cases_per_site=cases_per_site, val_per_site=val_per_site, test_per_site=test_per_site,
                           beta=beta, temperature=temperature, dynamic=dynamic, label_alpha=label_alpha,
-                          local_norm=local_norm, device=check_device(device), init_checkpoint=init_checkpoint)
+                          local_norm=local_norm, device=check_device(device), init_checkpoint=init_checkpoint,
+                          strategy_options=parse_strategy_options(strategy_options))
     if strategy in BASELINES:
         result = run_baseline(out, cfg, spec, seed, click.echo)
         click.echo(f"{strategy}: validation AUC " + json.dumps(result["rounds"][-1]["val_auc"]))
@@ -307,7 +314,22 @@ def train_teacher(out: Path | None, sites: int, rounds: int, strategy: str, conf
 
 # train-teacher options that shape the simulation only; with --work the config decides them.
 SIMULATION_ONLY = ("sites", "rounds", "strategy", "cases_per_site", "val_per_site", "test_per_site", "local_epochs", "beta",
-                   "temperature", "dynamic", "label_alpha", "local_norm", "aux_weight", "resume")
+                   "temperature", "dynamic", "label_alpha", "local_norm", "aux_weight", "resume", "strategy_options")
+
+
+def parse_strategy_options(items: tuple[str, ...]) -> tuple[tuple[str, float], ...]:
+    """'eta=2' -> (("eta", 2.0),); BadInput naming the item that is not KEY=NUMBER."""
+    out = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+        if not sep or not key.strip().isidentifier() or number is None:
+            raise BadInput(f"--strategy-option {item!r}: expected KEY=NUMBER, e.g. eta=2")
+        out.append((key.strip(), number))
+    return tuple(out)
 
 
 def _teacher_stage(work: Path, config_name: str, seed: int, threads: int, device: str, init_checkpoint: Path | None,

@@ -153,16 +153,29 @@ class FederationSpec:
     local_norm: bool = True  # FedBN: normalisation layers stay at each site, never averaged
     device: str = "cpu"
     init_checkpoint: Path | None = None  # local pretrained weights (transfer learning); never downloaded
+    strategy_options: tuple[tuple[str, float], ...] = ()  # further constructor settings, e.g. (("eta", 2.0),)
+    site_cases: tuple[int, ...] = ()  # training cases per site, overriding cases_per_site (a small site)
+    prevalence: tuple[tuple[int, float], ...] = ()  # (site, prevalence) overriding the cohort's profile
+
+    def train_cases(self, site: int) -> int:
+        return self.site_cases[site] if site < len(self.site_cases) else self.cases_per_site
+
+
+# The spec's own fields each strategy takes (the rest come through strategy_options).
+SPEC_SETTINGS = {"dwfl": ("beta", "temperature", "dynamic"), "fedprox": ("mu",), "dwfl_mw": ("beta",), "dwfl_pow": ("beta",)}
 
 
 def make_strategy(spec: FederationSpec) -> Strategy:
     if spec.strategy not in STRATEGIES:
         raise BadInput(f"unknown strategy {spec.strategy!r}: choose one of {', '.join(STRATEGIES)}")
-    if spec.strategy == "dwfl":
-        return STRATEGIES["dwfl"](beta=spec.beta, temperature=spec.temperature, dynamic=spec.dynamic)
-    if spec.strategy == "fedprox":
-        return STRATEGIES["fedprox"](mu=spec.mu)
-    return STRATEGIES[spec.strategy]()
+    cls = STRATEGIES[spec.strategy]
+    options = {k: getattr(spec, k) for k in SPEC_SETTINGS.get(spec.strategy, ())}
+    options.update(dict(spec.strategy_options))
+    known = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise BadInput(f"strategy {spec.strategy!r} has no setting {', '.join(unknown)}")
+    return cls(**options)
 
 
 def run_federation(
@@ -310,8 +323,12 @@ class Federation:
 
 def prepare_cohort(cfg: PipelineConfig, spec: FederationSpec, seed: int) -> tuple[SyntheticCohort, Preprocessing]:
     cohort = SyntheticCohort(SynthConfig(seed=seed, n_sites=spec.sites, spec=cfg.input, label_alpha=spec.label_alpha))
+    for site, prevalence in spec.prevalence:
+        if not (0 <= site < spec.sites and 0.0 < prevalence < 1.0):
+            raise BadInput(f"prevalence override ({site}, {prevalence}): needs a site in [0, {spec.sites}) and 0 < p < 1")
+        cohort.sites[site] = dataclasses.replace(cohort.sites[site], prevalence=float(prevalence))
     pre = fit_preprocessing(
-        (cohort.case(k * SITE_STRIDE + i, site=k) for k in range(spec.sites) for i in range(min(16, spec.cases_per_site))),
+        (cohort.case(k * SITE_STRIDE + i, site=k) for k in range(spec.sites) for i in range(min(16, spec.train_cases(k)))),
         cfg.input,
     )
     return cohort, pre
@@ -327,7 +344,7 @@ def prepare_sites(cohort: SyntheticCohort, pre: Preprocessing, spec: FederationS
             return _site_cases(cohort, pre, folder / f"site{k}" / split, range(base + start, base + start + count), k)
 
         test = cases("test", TEST_OFFSET, spec.test_per_site) if spec.test_per_site else None
-        sites.append(Site(k, cases("train", 0, spec.cases_per_site), cases("val", VAL_OFFSET, spec.val_per_site), test))
+        sites.append(Site(k, cases("train", 0, spec.train_cases(k)), cases("val", VAL_OFFSET, spec.val_per_site), test))
     return sites
 
 

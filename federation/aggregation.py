@@ -422,7 +422,369 @@ def momentum_step(velocity: np.ndarray, delta: np.ndarray, momentum: float) -> n
     return momentum * velocity + delta
 
 
-STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (DWFL, FedAvg, FedProx, FedAvgM)}
+# ---------------------------------------------------------------- dynamic weights with memory (issue 15)
+#
+# The dynamic share d_k of DESIGN §4 (softmax(L_k / T)) reacts to absolute loss gaps, which shrink as
+# training proceeds, and forgets every round. The rules below are scale-free (they see L_k / mean L
+# only) and keep a per-client state across rounds; β stays the weight of the dynamic share:
+#
+#     w_k ∝ ((1 - β) a_k + β d_k) (1 + τ_k)^(-1/2),   d_k ∈ [c/K, C/K],   Σ_k d_k = 1
+#
+# Influence bound: d_k ≤ C/K, so with fresh updates w_k ≤ (1 - β) a_k + β C/K (≤ (1 + β(C - 1))/K at
+# equal data shares), and one client moves θ by at most η_s w_k C_Δ, C_Δ the clip bound. That product
+# is the L2 sensitivity a server-side Gaussian mechanism must be calibrated to (noise sd σ η_s w_max
+# C_Δ); it holds as a DP sensitivity only with a fixed C_Δ: the default C_Δ = 3 x median norm depends
+# on the other clients' updates. For a modality branch d is renormalised over the clients that have
+# the modality, so there the bound is C/K divided by their share of d (at least c/K each).
+
+def relative_losses(losses: np.ndarray) -> np.ndarray:
+    """L_k / mean_j L_j: unchanged when every loss is multiplied by the same factor (all ones when the
+    mean is not positive)."""
+    losses = np.asarray(losses, dtype=np.float64)
+    mean = losses.mean() if losses.size else 0.0
+    return losses / mean if mean > 0 else np.ones_like(losses)
+
+
+def capped_simplex(v: np.ndarray, low: float, high: float) -> np.ndarray:
+    """The KL (multiplicative) projection of positive ``v`` onto {w : Σ w = 1, low ≤ w ≤ high}:
+    w_k = clip(t v_k, low, high) with the one scale t that makes Σ w = 1 (bisection on log t; needs
+    K low ≤ 1 ≤ K high). Order-preserving: a larger v_k never gets a smaller w_k."""
+    v = np.asarray(v, dtype=np.float64)
+    k = v.size
+    if k == 0:
+        return v
+    if not (k * low <= 1.0 + 1e-12 and k * high >= 1.0 - 1e-12 and low <= high):
+        raise ValueError(f"caps [{low}, {high}] cannot hold {k} weights summing to 1")
+    v = np.maximum(v, 0.0)
+    if v.sum() <= 0:
+        return np.full(k, 1.0 / k)
+    v = np.maximum(v / v.sum(), 1e-12)  # a zero entry still gets its share of what the caps leave
+    lo_t, hi_t = math.log(low / v.max()) if low > 0 else -800.0, math.log(high / v.min()) + 1.0
+    for _ in range(200):  # Σ clip(t v, low, high) is non-decreasing in t
+        mid = 0.5 * (lo_t + hi_t)
+        if np.clip(math.exp(mid) * v, low, high).sum() < 1.0:
+            lo_t = mid
+        else:
+            hi_t = mid
+    w = np.clip(math.exp(hi_t) * v, low, high)
+    return w / w.sum()
+
+
+def mw_shares(prior: np.ndarray, losses: np.ndarray, *, eta: float, smoothing: float, floor: float,
+              cap: float) -> np.ndarray:
+    """One multiplicative-weights step (agnostic FL / group DRO) of the dynamic share:
+    λ_k ∝ λ_k exp(η (L_k - mean L) / mean L), mixed with uniform ((1 - s) λ + s/K: forgets, so a
+    client that recovers comes back down) and projected to [c/K, C/K] (``floor`` c, ``cap`` C)."""
+    prior = np.asarray(prior, dtype=np.float64)
+    k = prior.size
+    if k == 0:
+        return prior
+    g = relative_losses(losses) - 1.0
+    x = prior / prior.sum() * np.exp(eta * g)
+    x = (1.0 - smoothing) * x / x.sum() + smoothing / k
+    return capped_simplex(x, floor / k, cap / k)
+
+
+def power_shares(relative: np.ndarray, *, q: float, floor: float, cap: float) -> np.ndarray:
+    """q-FFL-style dynamic share from relative losses r_k = L_k / mean L: d_k ∝ r_k^q, projected to
+    [c/K, C/K]. q = 0 is uniform."""
+    relative = np.asarray(relative, dtype=np.float64)
+    k = relative.size
+    if k == 0:
+        return relative
+    return capped_simplex(np.maximum(relative, 1e-12) ** q, floor / k, cap / k)
+
+
+def mixed_weights(n: np.ndarray, dynamic: np.ndarray, staleness: np.ndarray, beta: float,
+                  noise_multiplier: np.ndarray | None = None) -> np.ndarray:
+    """w_k ∝ ((1 - β) a_k + β d_k) (1 + τ_k)^(-1/2) for a given dynamic share d (DESIGN §4's mixing);
+    a client without data for the branch never weighs (d renormalised over the others); all zero
+    when no client has data."""
+    a = data_shares(n)
+    if a.sum() == 0:
+        return a
+    d = np.asarray(dynamic, dtype=np.float64) * (np.asarray(n) > 0)
+    d = d / d.sum() if d.sum() > 0 else a
+    w = ((1 - beta) * a + beta * d) * staleness_discount(staleness)
+    if noise_multiplier is not None:
+        w = w / (1.0 + np.asarray(noise_multiplier, dtype=np.float64) ** 2)
+    return w / w.sum()
+
+
+def _prior(state: Mapping[str, float], clients: Sequence[str], unseen: float | None = None) -> np.ndarray:
+    """The clients' stored values; a client never seen before gets ``unseen`` (default: the mean of
+    the known ones present, 1 when none is known), so it starts at the uniform share."""
+    known = [state[c] for c in clients if c in state]
+    fill = unseen if unseen is not None else (float(np.mean(known)) if known else 1.0)
+    return np.array([state.get(c, fill) for c in clients], dtype=np.float64)
+
+
+def _check_caps(floor: float, cap: float) -> None:
+    _check_range("floor", floor, 0.0, 1.0)
+    _check_range("cap", cap, 1.0)
+
+
+def _state_entries(state: Mapping[str, np.ndarray], prefix: str, strategy: str) -> dict[str, float]:
+    unknown = [k for k in state if not k.startswith(prefix)]
+    if unknown:
+        raise BadInput(f"strategy {strategy!r}: unknown state entries {unknown[:3]}")
+    out = {}
+    for k, v in state.items():
+        value = float(np.asarray(v).reshape(-1)[0]) if np.asarray(v).size == 1 else math.nan
+        if not (math.isfinite(value) and value > 0):
+            raise BadInput(f"strategy {strategy!r}: state entry {k} must be one positive finite number")
+        out[k[len(prefix):]] = value
+    return out
+
+
+def accepted_metas(updates: Sequence[ClientUpdate], accepted: Sequence[str]) -> list[UpdateMeta]:
+    """The metadata of the accepted updates, in ``accepted`` order (a client's first update: the one
+    ``screen`` keeps)."""
+    first: dict[str, UpdateMeta] = {}
+    for u in updates:
+        first.setdefault(u.meta.client, u.meta)
+    return [first[c] for c in accepted]
+
+
+@dataclass(kw_only=True)
+class _DynamicWithMemory(Strategy):
+    """Shared by ``dwfl_mw`` and ``dwfl_pow``: DESIGN §4's mixing with a dynamic share computed from a
+    per-client state; the state is read (never changed) while weighing and committed once per
+    aggregation, over the accepted clients."""
+
+    beta: float = 0.3
+    floor: float = 0.25  # c: d_k ≥ c/K
+    cap: float = 3.0  # C: d_k ≤ C/K
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_range("beta", self.beta, 0.0, 1.0)
+        _check_caps(self.floor, self.cap)
+
+    def dynamic_shares(self, metas: Sequence[UpdateMeta]) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _commit(self, metas: Sequence[UpdateMeta]) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def client_weights(self, metas: Sequence[UpdateMeta], branch: str | None) -> np.ndarray:
+        noise = np.array([m.noise_multiplier for m in metas]) if self.inverse_variance else None
+        return mixed_weights(branch_cases(metas, branch), self.dynamic_shares(metas),
+                             np.array([m.staleness for m in metas]), self.beta, noise)
+
+    def aggregate(self, global_params: Params, updates: Sequence[ClientUpdate], branch_of: BranchOf = shared) -> AggregationResult:
+        result = super().aggregate(global_params, updates, branch_of)
+        metas = accepted_metas(updates, result.accepted)
+        if metas:
+            self._commit(metas)
+        return result
+
+
+@dataclass(kw_only=True)
+class DWFLMemory(_DynamicWithMemory):
+    """DW-FL whose dynamic share is a multiplicative-weights state across rounds (``dwfl_mw``):
+
+        r_k = L_k / mean_j L_j                                        scale-free
+        λ_k ← Π_[c/K, C/K]((1 - s) λ_k e^(η (r_k - 1)) / Z + s/K),    d_k = λ_k this round
+        w_k ∝ ((1 - β) a_k + β λ_k) (1 + τ_k)^(-1/2)
+
+    A client that stays worst keeps gaining, up to C/K; λ is kept per client name in ``state_dict()``
+    (a restarted server goes on where it stopped; absent clients keep theirs; a client never seen
+    starts at the uniform share). Bound on one client's influence (see the comment above
+    ``relative_losses``): w_k ≤ (1 - β) a_k + β C/K with fresh updates, its move ≤ η_s w_k C_Δ."""
+
+    name: ClassVar[str] = "dwfl_mw"
+    eta: float = 2.0  # step on the relative loss gap (r_k - 1)
+    smoothing: float = 0.1  # s: mix with uniform every round
+    lam: dict[str, float] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_range("eta", self.eta, 0.0)
+        _check_range("smoothing", self.smoothing, 0.0, 1.0)
+
+    def dynamic_shares(self, metas: Sequence[UpdateMeta]) -> np.ndarray:
+        """This round's d_k for these clients, from the stored λ (pure: the state is not changed)."""
+        return mw_shares(_prior(self.lam, [m.client for m in metas]), np.array([m.val_loss for m in metas]),
+                         eta=self.eta, smoothing=self.smoothing, floor=self.floor, cap=self.cap)
+
+    def _commit(self, metas: Sequence[UpdateMeta]) -> None:
+        clients = [m.client for m in metas]
+        new = self.dynamic_shares(metas) * _prior(self.lam, clients).sum()  # keeps the present clients' total mass
+        self.lam.update({c: float(max(v, 1e-12)) for c, v in zip(clients, new)})
+
+    def state_dict(self) -> Params:
+        return {f"lambda/{c}": np.array(v) for c, v in self.lam.items()}
+
+    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+        self.lam = _state_entries(state, "lambda/", self.name)
+
+
+@dataclass(kw_only=True)
+class DWFLPower(_DynamicWithMemory):
+    """DW-FL with a q-FFL-style relative-loss power as the dynamic share (``dwfl_pow``):
+
+        r̄_k ← m r̄_k + (1 - m) L_k / mean_j L_j    memory: running mean of the relative loss (1 unseen)
+        d_k = Π_[c/K, C/K](r̄_k^q / Σ_j r̄_j^q),      w_k ∝ ((1 - β) a_k + β d_k) (1 + τ_k)^(-1/2)
+
+    Scale-free; r̄ per client is in ``state_dict()``; the same influence bound as ``dwfl_mw``."""
+
+    name: ClassVar[str] = "dwfl_pow"
+    q: float = 3.0
+    memory: float = 0.5  # m; 0 = no memory
+    ratio: dict[str, float] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_range("q", self.q, 0.0)
+        _check_range("memory", self.memory, 0.0, 1.0, open_high=True)
+
+    def _smoothed(self, metas: Sequence[UpdateMeta]) -> np.ndarray:
+        prior = _prior(self.ratio, [m.client for m in metas], unseen=1.0)
+        return self.memory * prior + (1.0 - self.memory) * relative_losses(np.array([m.val_loss for m in metas]))
+
+    def dynamic_shares(self, metas: Sequence[UpdateMeta]) -> np.ndarray:
+        return power_shares(self._smoothed(metas), q=self.q, floor=self.floor, cap=self.cap)
+
+    def _commit(self, metas: Sequence[UpdateMeta]) -> None:
+        self.ratio.update({m.client: float(max(v, 1e-12)) for m, v in zip(metas, self._smoothed(metas))})
+
+    def state_dict(self) -> Params:
+        return {f"ratio/{c}": np.array(v) for c, v in self.ratio.items()}
+
+    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+        self.ratio = _state_entries(state, "ratio/", self.name)
+
+
+# ---------------------------------------------------------------- server optimizers, q-FedAvg
+
+
+def adaptive_step(m: np.ndarray, v: np.ndarray, delta: np.ndarray, *, beta1: float, beta2: float,
+                  rule: str) -> tuple[np.ndarray, np.ndarray]:
+    """Server moments of Reddi et al. (2021), Algorithm 2, on the averaged delta Δ:
+    m ← β1 m + (1 - β1) Δ;  Adam: v ← β2 v + (1 - β2) Δ²;  Yogi: v ← v - (1 - β2) Δ² sign(v - Δ²)."""
+    m = beta1 * m + (1 - beta1) * delta
+    d2 = delta * delta
+    if rule == "adam":
+        v = beta2 * v + (1 - beta2) * d2
+    elif rule == "yogi":
+        v = v - (1 - beta2) * d2 * np.sign(v - d2)
+    else:
+        raise ValueError(f"unknown adaptive rule {rule!r}")
+    return m, v
+
+
+@dataclass(kw_only=True)
+class FedAdam(FedAvg):
+    """FedAdam (Reddi et al. 2021): FedAvg's weighted, clipped mean delta Δ feeds server moments,
+    θ ← θ + η_s m / (√v + τ); v starts at τ² (the paper's v_-1 ≥ τ²), no bias correction (as in the
+    paper). m and v are in ``state_dict()``."""
+
+    name: ClassVar[str] = "fedadam"
+    rule: ClassVar[str] = "adam"
+    server_lr: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.99
+    tau: float = 1e-3
+    moments: dict[str, tuple[np.ndarray, np.ndarray]] | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_range("beta1", self.beta1, 0.0, 1.0, open_high=True)
+        _check_range("beta2", self.beta2, 0.0, 1.0, open_high=True)
+        _check_range("tau", self.tau, 0.0, open_low=True)
+
+    def step(self, global_params: Params, mean_delta: Params) -> Params:
+        if self.moments is None:
+            self.moments = {k: (np.zeros(v.shape), np.full(v.shape, self.tau ** 2)) for k, v in global_params.items()}
+        out = {}
+        for k, theta in global_params.items():
+            m, v = adaptive_step(*self.moments[k], np.asarray(mean_delta[k], dtype=np.float64), beta1=self.beta1,
+                                 beta2=self.beta2, rule=self.rule)
+            self.moments[k] = (m, v)
+            out[k] = (theta + self.server_lr * m / (np.sqrt(np.maximum(v, 0.0)) + self.tau)).astype(theta.dtype)
+        return out
+
+    def state_dict(self) -> Params:
+        state: Params = {}
+        for k, (m, v) in (self.moments or {}).items():
+            state[f"m/{k}"], state[f"v/{k}"] = m, v
+        return state
+
+    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+        unknown = [k for k in state if not k.startswith(("m/", "v/"))]
+        names = {k[2:] for k in state if k not in unknown}
+        incomplete = [n for n in names if f"m/{n}" not in state or f"v/{n}" not in state]
+        if unknown or incomplete:
+            raise BadInput(f"strategy {self.name!r}: unknown or incomplete state entries {(unknown + incomplete)[:3]}")
+        self.moments = {n: (np.asarray(state[f"m/{n}"], dtype=np.float64), np.asarray(state[f"v/{n}"], dtype=np.float64))
+                        for n in names} or None
+
+
+@dataclass(kw_only=True)
+class FedYogi(FedAdam):
+    """FedYogi (Reddi et al. 2021): FedAdam with Yogi's additive second moment."""
+
+    name: ClassVar[str] = "fedyogi"
+    rule: ClassVar[str] = "yogi"
+
+
+def qffl_weights(n: np.ndarray, losses: np.ndarray, q: float) -> np.ndarray:
+    """q-FedAvg's direction weights p_k F_k^q / Σ_j p_j F_j^q (p_k the data share), each client its
+    own loss F_k (Li et al. 2020)."""
+    p = data_shares(n)
+    f = np.maximum(np.asarray(losses, dtype=np.float64), 1e-12) ** q
+    raw = p * f
+    return raw / raw.sum() if raw.sum() > 0 else raw
+
+
+def qffl_step_scale(n: np.ndarray, losses: np.ndarray, sq_norms: np.ndarray, q: float, lipschitz: float) -> float:
+    """The h_k normaliser of q-FedAvg (Li et al. 2020, Algorithm 2) as a factor on the weighted mean
+    delta. With Δw_k = L (θ_t - θ_k) = -L Δ_k the paper steps θ ← θ - Σ_k p_k F_k^q Δw_k / Σ_k p_k h_k,
+    h_k = q F_k^(q-1) ||Δw_k||² + L F_k^q; so θ ← θ + s Σ_k w_k Δ_k with w = ``qffl_weights`` and
+    s = Σ p F^q / Σ p (F^q + q L F^(q-1) ||Δ_k||²) ∈ (0, 1]. q = 0 is FedAvg (s = 1)."""
+    p = data_shares(n)
+    f = np.maximum(np.asarray(losses, dtype=np.float64), 1e-12)
+    num = float(np.sum(p * f ** q))
+    den = float(np.sum(p * (f ** q + q * lipschitz * f ** (q - 1) * np.asarray(sq_norms, dtype=np.float64))))
+    return num / den if den > 0 else 1.0
+
+
+@dataclass(kw_only=True)
+class QFedAvg(FedAvg):
+    """q-FedAvg (Li et al. 2020, "Fair resource allocation in federated learning"): each client's
+    clipped delta weighs p_k F_k^q (F_k its own validation loss of θ_t, not one shared loss), and the
+    step is normalised by Σ p_k h_k (``qffl_step_scale``); L is the Lipschitz estimate (the paper:
+    1 / local learning rate). Staleness and inverse variance apply as in FedAvg."""
+
+    name: ClassVar[str] = "qfedavg"
+    q: float = 1.0
+    lipschitz: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_range("q", self.q, 0.0)
+        _check_range("lipschitz", self.lipschitz, 0.0, open_low=True)
+
+    def client_weights(self, metas: Sequence[UpdateMeta], branch: str | None) -> np.ndarray:
+        base = self._weights(metas, branch, beta=0.0)  # data share x staleness (x inverse variance)
+        raw = base * np.maximum(np.array([m.val_loss for m in metas], dtype=np.float64), 1e-12) ** self.q
+        return raw / raw.sum() if raw.sum() > 0 else raw
+
+    def aggregate(self, global_params: Params, updates: Sequence[ClientUpdate], branch_of: BranchOf = shared) -> AggregationResult:
+        delta, result = self.mean_update(global_params, updates, branch_of)
+        metas = accepted_metas(updates, result.accepted)
+        clipped = [min(result.norms[m.client], result.clip_bound) if result.clip_bound > 0 else result.norms[m.client]
+                   for m in metas]
+        scale = qffl_step_scale(np.array([m.n for m in metas], dtype=np.float64), np.array([m.val_loss for m in metas]),
+                                np.square(clipped), self.q, self.lipschitz) if metas else 1.0
+        result.params = self.step(global_params, {k: scale * v for k, v in delta.items()})
+        return result
+
+
+STRATEGIES: dict[str, type[Strategy]] = {
+    cls.name: cls for cls in (DWFL, FedAvg, FedProx, FedAvgM, DWFLMemory, DWFLPower, FedAdam, FedYogi, QFedAvg)
+}
 
 
 def in_memory(updates: Sequence[tuple[UpdateMeta, Params]]) -> list[ClientUpdate]:

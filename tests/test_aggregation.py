@@ -4,6 +4,8 @@ configuration, server state)."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -310,3 +312,237 @@ def test_unpublishable_names_the_parameter():
     assert unpublishable(ok, 10.0) is None
     assert unpublishable({"w": np.array([1.0, np.nan])}, 10.0) == "w: non-finite values"
     assert "exceeds the bound 10" in unpublishable({**ok, "v": np.array([1e30], np.float32)}, 10.0)
+# ---------------------------------------------------------------- issue 15: dynamic weights with memory, baselines
+
+from federation.aggregation import (
+    STRATEGIES,
+    DWFLMemory,
+    DWFLPower,
+    FedAdam,
+    FedYogi,
+    QFedAvg,
+    capped_simplex,
+    mixed_weights,
+    mw_shares,
+    power_shares,
+    qffl_step_scale,
+    qffl_weights,
+    relative_losses,
+)
+
+MW = {"eta": 2.0, "smoothing": 0.1, "floor": 0.25, "cap": 3.0}
+
+
+def test_mw_shares_by_hand():
+    prior, losses = np.array([1.0, 1.0, 2.0]), np.array([0.4, 0.6, 0.8])  # mean 0.6: r - 1 = (-1/3, 0, 1/3)
+    x = prior / 4 * np.exp(2.0 * np.array([-1 / 3, 0.0, 1 / 3]))
+    x = 0.9 * x / x.sum() + 0.1 / 3
+    assert np.all((x >= 0.25 / 3) & (x <= 1.0)), "no cap binds in this case"
+    assert np.allclose(mw_shares(prior, losses, **MW), x)
+
+
+def test_capped_simplex_by_hand_and_caps_bind():
+    # [0.1, 0.2, 0.7] with caps [0.2, 0.5]: 0.7 -> 0.5, 0.1 -> 0.2, the middle takes the rest (0.3) = t v with t = 1.5.
+    assert np.allclose(capped_simplex(np.array([0.1, 0.2, 0.7]), 0.2, 0.5), [0.2, 0.3, 0.5])
+    assert np.allclose(capped_simplex(np.array([1.0, 1.0]), 0.0, 1.0), [0.5, 0.5])
+    assert np.allclose(capped_simplex(np.array([1.0, 0.0, 0.0]), 0.1, 0.5), [0.5, 0.25, 0.25]), "zeros share what the cap leaves"
+    with pytest.raises(ValueError, match="cannot hold"):
+        capped_simplex(np.ones(3), 0.5, 1.0)
+
+
+def test_power_shares_by_hand_and_q_zero_is_uniform():
+    r = np.array([0.5, 1.0, 1.5])
+    raw = r ** 2 / np.sum(r ** 2)  # [0.0714, 0.2857, 0.6429]
+    assert np.allclose(power_shares(r, q=2.0, floor=0.0, cap=3.0), raw)
+    assert np.allclose(power_shares(r, q=0.0, floor=0.25, cap=3.0), 1 / 3)
+    # caps [1/12, 1/2]: 0.6429 -> 0.5, the other two scaled by 1.4 to fill the rest: 0.1, 0.4
+    assert np.allclose(power_shares(r, q=2.0, floor=0.25, cap=1.5), [0.1, 0.4, 0.5])
+
+
+def test_new_dynamic_terms_are_scale_free():
+    rng = np.random.default_rng(1)
+    prior, losses = rng.uniform(0.5, 2.0, 6), rng.uniform(0.2, 1.2, 6)
+    for scale in (1e-3, 0.1, 7.0):
+        assert np.allclose(mw_shares(prior, losses * scale, **MW), mw_shares(prior, losses, **MW))
+        assert np.allclose(relative_losses(losses * scale), relative_losses(losses))
+    for make in (lambda: DWFLMemory(), lambda: DWFLPower()):
+        a, b = make(), make()
+        for _ in range(3):  # the same over rounds: the state too sees only relative losses
+            wa = a.aggregate(GLOBAL, [update(f"c{i}", 50 + i, float(l), 1.0) for i, l in enumerate(losses)], branch_of).weights
+            wb = b.aggregate(GLOBAL, [update(f"c{i}", 50 + i, float(l) * 40, 1.0) for i, l in enumerate(losses)], branch_of).weights
+            assert wa == wb
+
+
+@pytest.mark.parametrize("make", [lambda: DWFLMemory(clip_factor=0), lambda: DWFLPower(clip_factor=0)])
+def test_dynamic_share_sums_to_one_and_respects_caps_every_round(make):
+    strategy = make()
+    losses = [0.2, 0.3, 0.3, 0.4, 0.5, 3.0]  # one client far worse, every round
+    k = len(losses)
+    for _ in range(8):
+        metas = [UpdateMeta(f"c{i}", 100, l) for i, l in enumerate(losses)]
+        d = strategy.dynamic_shares(metas)
+        assert d.sum() == pytest.approx(1.0) and np.all(d >= 0.25 / k - 1e-12) and np.all(d <= 3.0 / k + 1e-12)
+        result = strategy.aggregate(GLOBAL, [update(m.client, 100, m.val_loss, 1.0) for m in metas], branch_of)
+        w = np.array(list(result.weights["shared"].values()))
+        assert w.sum() == pytest.approx(1.0, abs=1e-5)
+        # the influence bound of the docstring: w_k <= (1 - beta) a_k + beta C / K (fresh updates)
+        assert w.max() <= 0.7 / k + 0.3 * 3.0 / k + 1e-6
+    assert d[-1] == pytest.approx(3.0 / k), "the client that stays worst reaches the cap"
+
+
+def test_mw_memory_a_client_that_stays_worst_keeps_gaining():
+    strategy = DWFLMemory(clip_factor=0)
+    gains = []
+    for _ in range(4):
+        metas = [UpdateMeta("a", 100, 0.5), UpdateMeta("b", 100, 0.5), UpdateMeta("c", 100, 0.6)]
+        gains.append(strategy.aggregate(GLOBAL, [update(m.client, 100, m.val_loss, 1.0) for m in metas], branch_of)
+                     .weights["shared"]["c"])
+    assert all(later > earlier for earlier, later in itertools.pairwise(gains)), gains
+    # the old DW-FL forgets: the same losses give the same weight every round
+    old = [DWFL().aggregate(GLOBAL, [update("a", 100, 0.5, 1.0), update("b", 100, 0.5, 1.0), update("c", 100, 0.6, 1.0)],
+                            branch_of).weights["shared"]["c"] for _ in range(2)]
+    assert old[0] == old[1] < gains[-1]
+
+
+def test_mixed_weights_by_hand():
+    n, d, tau = np.array([100, 300, 0]), np.array([0.5, 0.2, 0.3]), np.array([0, 3, 0])
+    dd = np.array([0.5, 0.2, 0.0]) / 0.7  # the client without data never weighs
+    raw = (0.7 * np.array([0.25, 0.75, 0]) + 0.3 * dd) * np.array([1.0, 0.5, 1.0])
+    assert np.allclose(mixed_weights(n, d, tau, 0.3), raw / raw.sum())
+    assert np.allclose(mixed_weights(n, d, np.zeros(3), 0.0), [0.25, 0.75, 0.0])
+
+
+@pytest.mark.parametrize("name", ["dwfl_mw", "dwfl_pow", "qfedavg", "fedadam", "fedyogi"])
+def test_new_strategies_are_permutation_invariant(name):
+    rng = np.random.default_rng(0)
+    ups = [update(f"c{i}", int(rng.integers(10, 200)), float(rng.uniform(0.1, 1.5)), float(rng.normal()),
+                  staleness=int(rng.integers(0, 3)), r_ct=float(rng.uniform())) for i in range(6)]
+    a, b = STRATEGIES[name](), STRATEGIES[name]()
+    pa, pb = GLOBAL, GLOBAL
+    for _ in range(3):  # the state too: after three rounds in two orders the strategies agree
+        ra, rb = a.aggregate(pa, ups, branch_of), b.aggregate(pb, ups[::-1], branch_of)
+        pa, pb = ra.params, rb.params
+        for k in GLOBAL:
+            assert np.allclose(pa[k], pb[k], atol=1e-6)
+        for branch in ("shared", "ct"):
+            assert ra.weights[branch] == pytest.approx(rb.weights[branch], abs=1e-6)
+            assert sum(ra.weights[branch].values()) == pytest.approx(1.0, abs=1e-5)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert set(sa) == set(sb) and all(np.allclose(sa[k], sb[k]) for k in sa)
+
+
+def test_qffl_by_hand_and_q_zero_is_fedavg():
+    n, f, sq = np.array([100, 300]), np.array([0.5, 1.0]), np.array([4.0, 1.0])
+    assert np.allclose(qffl_weights(n, f, 2.0), np.array([0.25 * 0.25, 0.75 * 1.0]) / 0.8125)
+    # s = sum p F^q / sum p (F^q + q L F^(q-1) |D|^2) = 0.8125 / (0.8125 + 2*0.5*(0.25*0.5*4 + 0.75*1*1))
+    assert qffl_step_scale(n, f, sq, 2.0, 0.5) == pytest.approx(0.8125 / (0.8125 + 1.25))
+    assert qffl_step_scale(n, f, sq, 0.0, 0.5) == 1.0 and np.allclose(qffl_weights(n, f, 0.0), [0.25, 0.75])
+    # through the strategy: deltas 1 and 3 everywhere (norm^2 7 and 63), q = 1, L = 0.1
+    ups = [update("a", 100, 0.5, 1.0), update("b", 300, 1.0, 3.0)]
+    w = np.array([0.25 * 0.5, 0.75 * 1.0]) / 0.875
+    s = 0.875 / (0.875 + 0.1 * (0.25 * 7 + 0.75 * 63))
+    result = QFedAvg(q=1.0, lipschitz=0.1, clip_factor=0).aggregate(GLOBAL, ups, branch_of)
+    assert np.allclose(result.params["head.w"], s * (w[0] * 1.0 + w[1] * 3.0), atol=1e-6)
+    assert result.weights["shared"]["b"] == pytest.approx(w[1], abs=1e-6)
+    same = QFedAvg(q=0.0, clip_factor=0).aggregate(GLOBAL, ups, branch_of).params
+    assert np.allclose(same["head.w"], FedAvg(clip_factor=0).aggregate(GLOBAL, ups, branch_of).params["head.w"])
+
+
+def test_qffl_uses_each_clients_own_loss():
+    ups = [update("a", 100, 0.2, 1.0), update("b", 100, 0.8, 1.0)]
+    w = QFedAvg(q=2.0, clip_factor=0).aggregate(GLOBAL, ups, branch_of).weights["shared"]
+    assert w["b"] / w["a"] == pytest.approx(16.0, rel=1e-4), "(0.8 / 0.2)^2: per-client F_k^q, not one shared loss"
+
+
+def test_fedadam_and_fedyogi_by_hand():
+    tau, lr = 1e-3, 0.1
+    ups1, ups2 = [update("a", 1, 0.5, 1.0)], [update("a", 1, 0.5, -0.5)]
+    # FedAdam: m1 = 0.1, v1 = 0.99 tau^2 + 0.01; m2 = 0.09 - 0.05, v2 = 0.99 v1 + 0.01 * 0.25
+    m1, v1 = 0.1, 0.99 * tau ** 2 + 0.01
+    m2, v2 = 0.9 * m1 - 0.05, 0.99 * v1 + 0.0025
+    adam = FedAdam(server_lr=lr, tau=tau, clip_factor=0)
+    p1 = adam.aggregate(GLOBAL, ups1, branch_of).params
+    p2 = adam.aggregate(p1, ups2, branch_of).params
+    expected1 = lr * m1 / (np.sqrt(v1) + tau)
+    assert np.allclose(p1["head.w"], expected1, atol=1e-6)
+    assert np.allclose(p2["head.w"], expected1 + lr * m2 / (np.sqrt(v2) + tau), atol=1e-6)
+    # FedYogi: v1 = tau^2 - 0.01 * 1 * sign(tau^2 - 1) = tau^2 + 0.01; v2 = v1 - 0.01 * 0.25 * sign(v1 - 0.25)
+    yv1 = tau ** 2 + 0.01
+    yv2 = yv1 + 0.0025
+    yogi = FedYogi(server_lr=lr, tau=tau, clip_factor=0)
+    q1 = yogi.aggregate(GLOBAL, ups1, branch_of).params
+    q2 = yogi.aggregate(q1, ups2, branch_of).params
+    y1 = lr * m1 / (np.sqrt(yv1) + tau)
+    assert np.allclose(q1["head.w"], y1, atol=1e-6)
+    assert np.allclose(q2["head.w"], y1 + lr * m2 / (np.sqrt(yv2) + tau), atol=1e-6)
+    assert not np.allclose(q2["head.w"], p2["head.w"])
+
+
+@pytest.mark.parametrize("name", ["dwfl_mw", "dwfl_pow", "fedadam", "fedyogi"])
+def test_new_strategy_state_survives_a_restart(name):
+    rounds = [[update("a", 100, 0.3, 1.0), update("b", 50, 0.9, -1.0)],
+              [update("a", 100, 0.4, 0.5), update("b", 50, 0.8, 2.0), update("new", 80, 0.6, 1.0)]]
+    kept = STRATEGIES[name](clip_factor=0)
+    params = kept.aggregate(GLOBAL, rounds[0], branch_of).params
+    state = {k: np.array(v, copy=True) for k, v in kept.state_dict().items()}
+    assert state, "the strategy keeps state"
+    final = kept.aggregate(params, rounds[1], branch_of)
+    restarted = STRATEGIES[name](clip_factor=0)
+    restarted.load_state_dict(state)
+    again = restarted.aggregate(params, rounds[1], branch_of)
+    assert again.weights == final.weights
+    for k in GLOBAL:
+        assert np.allclose(again.params[k], final.params[k])
+    fresh = STRATEGIES[name](clip_factor=0).aggregate(params, rounds[1], branch_of)
+    assert fresh.weights != final.weights or not np.allclose(fresh.params["head.w"], final.params["head.w"]), \
+        "without its state the round differs"
+    with pytest.raises(BadInput, match="state entr"):
+        STRATEGIES[name]().load_state_dict({"velocity/head.w": np.zeros(3)})
+
+
+def test_an_unseen_client_starts_at_the_uniform_share():
+    strategy = DWFLMemory(clip_factor=0)
+    for _ in range(3):
+        strategy.aggregate(GLOBAL, [update("a", 100, 0.5, 1.0), update("b", 100, 0.5, 1.0)], branch_of)
+    metas = [UpdateMeta("a", 100, 0.5), UpdateMeta("b", 100, 0.5), UpdateMeta("new", 100, 0.5)]
+    assert np.allclose(strategy.dynamic_shares(metas), 1 / 3)
+    power = DWFLPower()
+    assert np.allclose(power.dynamic_shares(metas), 1 / 3)
+
+
+def test_state_is_committed_for_accepted_clients_only():
+    strategy = DWFLMemory(clip_factor=0)
+    bad = delta_of(1.0)
+    bad["head.w"] = np.zeros(4, np.float32)
+    result = strategy.aggregate(GLOBAL, [update("a", 100, 0.3, 1.0), update("b", 100, 0.9, 1.0, delta=bad),
+                                         update("c", 100, 0.6, 1.0)], branch_of)
+    assert result.accepted == ["a", "c"] and set(strategy.lam) == {"a", "c"}
+
+
+def test_each_update_is_loaded_once_by_the_new_strategies():
+    for name in ("dwfl_mw", "dwfl_pow", "qfedavg", "fedadam", "fedyogi"):
+        loads = []
+
+        def loader(i, loads=loads):
+            def load():
+                loads.append(i)
+                return delta_of(float(i))
+            return load
+
+        ups = [ClientUpdate(UpdateMeta(f"c{i}", 10 + i, 0.5 + 0.1 * i), l2_norm(delta_of(float(i))), loader(i)) for i in range(3)]
+        STRATEGIES[name]().aggregate(GLOBAL, ups, branch_of)
+        assert loads == [0, 1, 2], name
+
+
+def test_new_strategies_take_keyword_only_range_checked_settings():
+    for cls in (DWFLMemory, DWFLPower, FedAdam, FedYogi, QFedAvg):
+        with pytest.raises(TypeError):
+            cls(0.3)  # noqa: keyword-only
+    for make, words in [(lambda: DWFLMemory(eta=-1), "eta"), (lambda: DWFLMemory(smoothing=1.5), "smoothing"),
+                        (lambda: DWFLMemory(floor=1.5), "floor"), (lambda: DWFLMemory(cap=0.5), "cap"),
+                        (lambda: DWFLMemory(beta=2), "beta"), (lambda: DWFLPower(q=-1), "q ="),
+                        (lambda: DWFLPower(memory=1.0), "memory"), (lambda: FedAdam(beta1=1.0), "beta1"),
+                        (lambda: FedYogi(beta2=-0.1), "beta2"), (lambda: FedAdam(tau=0), "tau"),
+                        (lambda: QFedAvg(q=-0.5), "q ="), (lambda: QFedAvg(lipschitz=0), "lipschitz")]:
+        with pytest.raises(BadInput, match=words):
+            make()

@@ -250,3 +250,47 @@ def test_fedavgm_velocity_survives_a_resumed_run(tmp_path):
     with pytest.raises(BadInput, match="resume with the same strategy"):
         run_federation(tmp_path / "fl", CFG, FederationSpec(sites=2, rounds=2, strategy="fedavg", cases_per_site=8,
                                                             val_per_site=6), seed=0, resume=True, log=lambda _: None)
+
+
+def test_registry_makes_every_strategy_with_its_options():
+    from export.cli import parse_strategy_options
+    from export.federated import make_strategy
+    from federation.aggregation import STRATEGIES
+
+    for name in STRATEGIES:
+        assert make_strategy(FederationSpec(sites=2, rounds=1, strategy=name)).name == name
+    mw = make_strategy(FederationSpec(sites=2, rounds=1, strategy="dwfl_mw", beta=0.5,
+                                      strategy_options=parse_strategy_options(("eta=1.5", "cap=2"))))
+    assert (mw.beta, mw.eta, mw.cap) == (0.5, 1.5, 2.0)
+    with pytest.raises(BadInput, match="has no setting eta"):
+        make_strategy(FederationSpec(sites=2, rounds=1, strategy="fedadam", strategy_options=(("eta", 1.0),)))
+    with pytest.raises(BadInput, match="KEY=NUMBER"):
+        parse_strategy_options(("eta",))
+    with pytest.raises(BadInput, match="eta"):
+        make_strategy(FederationSpec(sites=2, rounds=1, strategy="dwfl_mw", strategy_options=(("eta", -1.0),)))
+
+
+@pytest.mark.parametrize("strategy", ["dwfl_mw", "fedyogi"])
+def test_new_strategy_state_survives_a_resumed_run(tmp_path, strategy):
+    """dwfl_mw's per-site lambda and FedYogi's moments go through the checkpoint like FedAvgM's velocity."""
+    import torch
+
+    from export.federated import Federation, prepare_cohort, prepare_sites
+    from export.models import Teacher
+
+    spec = FederationSpec(sites=2, rounds=1, strategy=strategy, cases_per_site=8, val_per_site=6)
+    cohort, pre = prepare_cohort(CFG, spec, seed=0)
+    sites = prepare_sites(cohort, pre, spec, tmp_path / "cases")
+
+    def federation() -> Federation:
+        torch.manual_seed(0)
+        return Federation(Teacher(CFG.model, CFG.input.n_genes, 2), sites, spec, CFG.train, 0, tmp_path / "fl", lambda _: None)
+
+    first = federation()
+    first.run()
+    ended = first.strategy.state_dict()
+    assert ended
+    resumed = federation()
+    resumed.run(resume=True)
+    restored = resumed.strategy.state_dict()
+    assert set(restored) == set(ended) and all(np.allclose(restored[k], ended[k]) for k in ended)
