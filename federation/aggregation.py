@@ -9,14 +9,15 @@ in the one accumulating pass. Memory is O(model), never O(clients x model).
     a_k = n_k / sum_j n_j                          data share (n_k * r_k[m] for modality branch m)
     d_k = softmax(L_k / T)_k                       dynamic share: where theta_t fits worst weighs more
     w_k ∝ ((1 - beta) a_k + beta d_k) * (1 + tau_k)^(-1/2),   sum_k w_k = 1
-    theta_{t+1} = theta_t + eta_s * sum_k min(w_k, c) clip(Delta_k, C),   C = min(3 x median norm, C_max)
+    theta_{t+1} = theta_t + eta_s * sum_k min(w_k, c) clip(Delta_k, C),   C = min(3 x lower median norm, C_max)
 
 One client's influence is bounded whatever it claims: its weight is capped at ``max_weight`` (c; the
 excess goes to the others, and when too few clients take part to reach a total of 1 under the cap the
 step is shortened instead), its delta clipped to ``max_clip`` (C_max, fixed by the federation, so no
-update can raise the bound by being large). One client therefore moves the model by at most
-eta_s * c * C_max in L2 (per modality branch as well), which is also the L2 sensitivity to one client
-that a server-side DP guarantee would need. The defaults (c = 1, C_max = 0: none) keep the plain
+update can raise the bound by being large; the lower median is one of the clients' own norms, so
+with two clients neither raises it alone). One client's own term therefore moves the model by at
+most eta_s * c * C_max in L2 (per modality branch as well): where a server-side DP guarantee would
+start, with the weights and the bound then fixed independently of any one client. The defaults (c = 1, C_max = 0: none) keep the plain
 DW-FL rule for the simulation; the server sets both from its configuration.
 
 A strategy: ``aggregate(global_params, updates, branch_of)``; ``client_config()`` (what a client
