@@ -95,6 +95,7 @@ def create_app(srv: Server, tick_seconds: float = 2.0) -> FastAPI:
         wake.set()
 
     large_reads = anyio.Semaphore(srv.config.body_reads)
+    reading: set[str] = set()  # clinics with a large body being read (one event loop: no lock needed)
 
     async def read_body(request: Request, *, enrollment: bool = False) -> bytes:
         """The request's body, once what can be refused without it was: the signature headers and
@@ -116,15 +117,24 @@ def create_app(srv: Server, tick_seconds: float = 2.0) -> FastAPI:
         size = int(declared) if declared is not None else (limit if "transfer-encoding" in request.headers else 0)
         if size <= SMALL_BODY:
             return await receive_body(request, limit, size)
+        # One large read per claimed clinic: the name is checked before the body (its signature
+        # after), so whoever knows one enrolled name holds at most one permit, never all of them.
+        claimed = request.headers.get(protocol.H_CLINIC, "")
+        if claimed in reading:
+            raise Refusal(503, f"clinic {claimed[:64]!r} is already sending an upload; retry shortly")
+        reading.add(claimed)
         try:
-            with anyio.fail_after(srv.config.body_wait_s):
-                await large_reads.acquire()
-        except TimeoutError:
-            raise Refusal(503, "server busy reading other uploads; retry shortly") from None
-        try:
-            return await receive_body(request, limit, size)
+            try:
+                with anyio.fail_after(srv.config.body_wait_s):
+                    await large_reads.acquire()
+            except TimeoutError:
+                raise Refusal(503, "server busy reading other uploads; retry shortly") from None
+            try:
+                return await receive_body(request, limit, size)
+            finally:
+                large_reads.release()
         finally:
-            large_reads.release()
+            reading.discard(claimed)
 
     async def receive_body(request: Request, limit: int, size: int) -> bytes:
         body = bytearray()
