@@ -17,7 +17,7 @@ from .profiling import profile, profile_cases
 from .state import ClinicState, bundle_head_key, check_name
 from .synthetic import InputSpec, SynthConfig, SyntheticCohort, parse_case_id
 from .units import parse_duration_ms, parse_size_mb
-from .variants import default_state_dir, write_pin
+from .variants import default_state_dir
 
 TRUSTED_KEY_HELP = ("Ed25519 public key of the bundle signer [default: for a version pulled by `sync`, the server key pinned "
                     "at enrollment; else BUNDLE.pub next to the bundle, which must be the signer key pinned in the state "
@@ -152,7 +152,7 @@ def profile_cmd(bundle: Path, trusted_key: Path | None, state_dir: Path, variant
     mem_mb = mem_mb or float(budgets.get("mem_mb", 1800.0))
     lat_ms = lat_ms or float(budgets.get("latency_ms", 200.0))
     if select_variant:
-        _select(loaded, state_dir, threads, cases, mem_mb, lat_ms, as_json)
+        _select(loaded, state, threads=threads, cases=cases, mem_mb=mem_mb, lat_ms=lat_ms, as_json=as_json)
         return
     model = state.model_for(loaded, variant, threads)
     name, why = model.variant, model.variant_reason
@@ -214,7 +214,7 @@ def _plot_latency(result, variant: str, path: Path) -> Path:
     return path
 
 
-def _select(loaded: Bundle, state_dir: Path, threads: int, cases: int, mem_mb: float, lat_ms: float, as_json: bool) -> None:
+def _select(loaded: Bundle, state: ClinicState, *, threads: int, cases: int, mem_mb: float, lat_ms: float, as_json: bool) -> None:
     """Re-measure every variant on this PC and pin the choice (exit 1 when none meets every limit)."""
     from .measure import MeasureSpec, bundle_candidates, measure_variants
 
@@ -227,7 +227,7 @@ def _select(loaded: Bundle, state_dir: Path, threads: int, cases: int, mem_mb: f
     result = measure_variants(MeasureSpec.of_bundle(loaded, cases=cases, threads=threads), candidates, reference_auc=reference,
                               tolerance=tolerance, mem_budget_mb=mem_mb, latency_budget_ms=lat_ms, on_measured=show)
     selection, figures = result.selection, result.figures
-    pin = write_pin(state_dir, loaded, selection.chosen, figures[selection.chosen])
+    pin = state.write_pin(loaded, selection.chosen, figures[selection.chosen])
     if as_json:
         click.echo(json.dumps({"chosen": selection.chosen, "ok": selection.ok, "reasons": selection.reasons,
                                "figures": figures, "pin": str(pin)}, indent=2))

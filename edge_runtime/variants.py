@@ -30,13 +30,6 @@ def pin_document(bundle: Bundle, variant: str, figures: dict) -> dict:
             "cpu": this_cpu().to_dict(), "figures": figures}
 
 
-def write_pin(state_dir: Path, bundle: Bundle, variant: str, figures: dict) -> Path:
-    """Pin ``variant`` for ``bundle`` in the clinic state folder (ClinicState owns the file)."""
-    from .state import ClinicState
-
-    return ClinicState(state_dir).write_pin(bundle, variant, figures)
-
-
 def resolve_variant(bundle: Bundle, requested: str | None, pin: dict | None, where: Path | None = None) -> tuple[str, str]:
     """(variant, why) from an explicit request, this PC's pin for the bundle, or the CPU."""
     if requested:

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge_runtime.keys import generate_key
 from edge_runtime.sync import protocol
-from edge_runtime.sync.hpke import seal
+from edge_runtime.sync import update as codec
 from server import rounds as rounds_mod
 from server.home import Home
 from server.service import Server, raw_public
@@ -88,9 +88,8 @@ def enroll_and_upload(srv: Server, tmp_path, head, name: str, seed: int) -> str:
     body = json.dumps({"token": token, "public_key": pub}).encode()
     srv.enroll(protocol.sign_request(key, name, "POST", "/v1/enroll", body), "POST", "/v1/enroll", body, token, pub)
     path, uid = write_fake_update(tmp_path / name, head, seed)
-    kem = "x25519"
-    info = protocol.Envelope.build(key, uid, name, 1, 1, kem, b"").info()
-    env = protocol.Envelope.build(key, uid, name, 1, 1, kem, seal(path.read_bytes(), srv.hpke_public, info, kem))
+    env = codec.seal(path.read_bytes(), key=key, hpke_public=srv.hpke_public, update_id=uid, clinic=name, round_id=1,
+                     base_version=1, kem="x25519")
     pub_key = Ed25519PublicKey.from_public_bytes(base64.b64decode(pub))
     assert srv.receive_update(name, pub_key, env).status == "stored"
     return uid

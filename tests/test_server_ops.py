@@ -151,6 +151,7 @@ def test_server_logs_carry_request_id_clinic_and_round():
     from server.logs import REQUEST_ID, configure
 
     stream = io.StringIO()
+    saved = {n: (lg.handlers[:], lg.level, lg.propagate) for n in ("server", "federation") for lg in [logging.getLogger(n)]}
     configure("INFO", stream)
     token = REQUEST_ID.set("abc123")
     try:
@@ -158,6 +159,10 @@ def test_server_logs_carry_request_id_clinic_and_round():
         logging.getLogger("server.service").warning("refused", extra={"clinic": "north", "round": 2})
     finally:
         REQUEST_ID.reset(token)
+        for n, (handlers, level, propagate) in saved.items():  # the rest of the session logs as before
+            lg = logging.getLogger(n)
+            lg.handlers[:], lg.propagate = handlers, propagate
+            lg.setLevel(level)
     first, second = stream.getvalue().splitlines()
     assert first.endswith("INFO server.rounds req=abc123 clinic=- round=4 aggregated")
     assert second.endswith("WARNING server.service req=abc123 clinic=north round=2 refused")
