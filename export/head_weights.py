@@ -3,19 +3,15 @@ onnx package to read them from ``head.onnx``). Names are the StudentHead state-d
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
-import numpy as np
 from torch import nn
 
+from edge_runtime.finetune.head import params_bytes
 from edge_runtime.fsutil import write_atomic
 
 
 def save_head_weights(head: nn.Module, path: Path) -> Path:
     """``head.state_dict()`` as float32 arrays in an uncompressed npz, written atomically."""
-    arrays = {name: t.detach().cpu().numpy().astype(np.float32) for name, t in head.state_dict().items()}
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    write_atomic(Path(path), buf.getvalue())
+    write_atomic(Path(path), params_bytes({name: t.detach().cpu().numpy() for name, t in head.state_dict().items()}))
     return Path(path)

@@ -35,6 +35,7 @@ from typing import ClassVar
 import numpy as np
 
 from edge_runtime import MODALITIES
+from edge_runtime.finetune.head import l2_norm  # the norm updates are clipped by: one definition, beside the Params it measures
 from edge_runtime.errors import BadInput
 
 Params = dict[str, np.ndarray]
@@ -89,11 +90,6 @@ class ClientConfig:
 
 
 # ---------------------------------------------------------------- the math (pure)
-
-
-def l2_norm(delta: Params) -> float:
-    """L2 norm of a whole delta, summed in float64."""
-    return float(math.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in delta.values())))
 
 
 def data_shares(n: np.ndarray) -> np.ndarray:

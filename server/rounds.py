@@ -18,18 +18,17 @@ server has no validation cases of its own to score it on).
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import socket
 import time
 import uuid
 
-import numpy as np
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.exc import DBAPIError
 
 from edge_runtime import MODALITIES
+from edge_runtime.finetune.head import params_bytes
 from edge_runtime.sync import update as codec
 from federation.aggregation import ClientUpdate, UpdateMeta, l2_norm, unpublishable
 
@@ -129,15 +128,14 @@ def aggregate_round(srv: Server, round_id: int) -> int | None:
         log.error("round %d: %s", round_id, reason, extra={"round": round_id})
         fail_round(srv, round_id, reason)
         return None
-    buf = io.BytesIO()
-    np.savez(buf, **{k: np.asarray(v, dtype=np.float32) for k, v in result.params.items()})
+    head_npz = params_bytes(result.params)
     report = {"accepted": result.accepted, "rejected": [list(x) for x in result.rejected], "weights": result.weights,
               "clip_bound": round(result.clip_bound, 6), "clip_ceiling": round(strategy.max_clip, 6),
               "max_weight": strategy.max_weight, "norms": {k: round(v, 6) for k, v in result.norms.items()},
               "seconds": round(time.perf_counter() - t0, 3), "aggregated_by": WORKER_ID}
     weights_name = base["head"]["weights"]
     files = {name: srv.blobs.get(meta["sha256"]) for name, meta in base["files"].items() if name != weights_name}
-    files[weights_name] = buf.getvalue()
+    files[weights_name] = head_npz
     root_version = str(base.get("federation", {}).get("root_model_version", base["model_version"]))
     body = {k: v for k, v in base.items() if k not in ("signature", "files", "server_version")}
     body["head"] = {**base["head"], "runtime": "numpy"}  # head.npz is the global model; head.onnx is the first version's

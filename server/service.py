@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import io
 import json
 import logging
 import math
@@ -24,6 +23,7 @@ from sqlalchemy.exc import IntegrityError
 
 from edge_runtime.bundle import load_bundle, sign_manifest
 from edge_runtime.errors import BadInput
+from edge_runtime.finetune.head import params_from_bytes
 from edge_runtime.keys import key_id
 from edge_runtime.sync import protocol
 from edge_runtime.sync import update as codec
@@ -242,8 +242,7 @@ class Server:
         if version not in self._heads:
             m = self.manifest(version)
             data = self.blobs.get(m["files"][m["head"]["weights"]]["sha256"])
-            with np.load(io.BytesIO(data), allow_pickle=False) as z:
-                self._heads[version] = {k: np.asarray(z[k], dtype=np.float32) for k in z.files}
+            self._heads[version] = params_from_bytes(data, f"version {version} head weights")
             while len(self._heads) > HEADS_CACHED:  # a long-running server holds a few versions, not all
                 self._heads.pop(min(self._heads), None)
         return self._heads[version]

@@ -56,11 +56,25 @@ def check_params(params: Params, dim: int, n_classes: int, where: str) -> Params
 
 def load_params(path: Path, dim: int, n_classes: int) -> Params:
     try:
-        with np.load(path, allow_pickle=False) as data:
-            params = {k: np.asarray(data[k], dtype=np.float32) for k in data.files}
-    except (OSError, ValueError, EOFError) as exc:
+        data = Path(path).read_bytes()
+    except OSError as exc:
         raise BadInput(f"{path}: head weights are unreadable ({exc})") from exc
-    return check_params(params, dim, n_classes, str(path))
+    return check_params(params_from_bytes(data, str(path)), dim, n_classes, str(path))
+
+
+# head.npz, one home: float32 arrays under the StudentHead state-dict names, uncompressed npz. The
+# export writes it, the clinic reads and writes fine-tuned ones, the server reads and publishes it.
+def params_from_bytes(data: bytes, where: str) -> Params:
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            return {k: np.asarray(z[k], dtype=np.float32) for k in z.files}
+    except (OSError, ValueError, EOFError) as exc:
+        raise BadInput(f"{where}: head weights are unreadable ({exc})") from exc
+
+
+def l2_norm(delta: Params) -> float:
+    """L2 norm of a whole parameter set or delta, summed in float64 (what aggregation clips by)."""
+    return float(np.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in delta.values())))
 
 
 def params_bytes(params: Params) -> bytes:

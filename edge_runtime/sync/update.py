@@ -19,10 +19,9 @@ from pathlib import Path
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from federation.aggregation import l2_norm as norm  # the norm aggregation clips by: one definition
-
 from .. import MODALITIES
 from ..errors import BadInput
+from ..finetune.head import l2_norm as norm  # the norm aggregation clips by: one definition
 from ..fsutil import write_atomic
 from .hpke import HpkePrivate, HpkePublic, open_sealed, seal as hpke_seal, update_info
 from .protocol import Envelope
