@@ -177,7 +177,7 @@ class ClinicState:
         registered = self.clinic_file.exists() and dataset in self.clinic(create=False)["datasets"]
         if registered and not Ledger.has_head(folder):
             raise LedgerError(f"{folder}: the privacy ledger of dataset {dataset!r} is missing (deleted?); refusing to start from zero")
-        return Ledger(folder, self.clinic_id, dataset, epsilon_total, delta)
+        return Ledger(folder, self.clinic_id, dataset, epsilon_total=epsilon_total, delta=delta)
 
     def privacy_summaries(self) -> list[dict]:
         """Read only: nothing is created for a clinic that never fine-tuned."""
@@ -296,7 +296,7 @@ class ClinicState:
         model.variant_reason, model.active_head = why, head
         return model
 
-    def activate(self, bundle: Bundle, params: Params, round_id: str, info: dict) -> dict:
+    def activate(self, bundle: Bundle, params: Params, *, round_id: str, info: dict) -> dict:
         folder = self.heads_folder(bundle)
         folder.mkdir(parents=True, exist_ok=True)
         data = params_bytes(params)

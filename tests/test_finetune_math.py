@@ -148,11 +148,11 @@ def test_planned_round_fits_and_uses_the_budget():
 
 
 def test_ledger_epsilon_matches_direct_computation_and_persists(tmp_path):
-    ledger = Ledger(tmp_path / "p", "clinic-a", "ds", 0.5, 1e-5)
+    ledger = Ledger(tmp_path / "p", "clinic-a", "ds", epsilon_total=0.5, delta=1e-5)
     rounds = [(0.1, 12.0, 30, 30.0), (0.25, 15.0, 12, 40.0)]
     for i, (q, s, steps, meta) in enumerate(rounds):
         ledger.charge(f"r{i}", RoundEvents(q, s, steps, meta))
-    again = Ledger(tmp_path / "p", "clinic-a", "ds", 0.5, 1e-5)
+    again = Ledger(tmp_path / "p", "clinic-a", "ds", epsilon_total=0.5, delta=1e-5)
     assert len(again.charges) == 2
     assert again.spent() == pytest.approx(direct_epsilon(rounds, 1e-5), rel=1e-12)
     assert 0 < again.spent() < 0.5
@@ -163,7 +163,7 @@ def test_ledger_epsilon_matches_direct_computation_and_persists(tmp_path):
 @pytest.mark.parametrize("damage", ["edit_sigma", "drop_last_line", "reorder", "garbage", "delete_head", "other_clinic"])
 def test_edited_or_corrupt_ledger_is_refused(tmp_path, damage):
     folder = tmp_path / "p"
-    ledger = Ledger(folder, "clinic-a", "ds", 0.5, 1e-5)
+    ledger = Ledger(folder, "clinic-a", "ds", epsilon_total=0.5, delta=1e-5)
     for i in range(3):
         ledger.charge(f"r{i}", RoundEvents(0.1, 8.0, 10, 20.0))
     path = folder / "ledger.jsonl"
@@ -183,28 +183,28 @@ def test_edited_or_corrupt_ledger_is_refused(tmp_path, damage):
     elif damage != "other_clinic":
         path.write_text("\n".join(lines) + "\n")
     with pytest.raises(LedgerError):
-        Ledger(folder, "clinic-b" if damage == "other_clinic" else "clinic-a", "ds", 0.5, 1e-5)
+        Ledger(folder, "clinic-b" if damage == "other_clinic" else "clinic-a", "ds", epsilon_total=0.5, delta=1e-5)
 
 
 def test_crash_between_ledger_line_and_head_counts_the_charge(tmp_path):
     folder = tmp_path / "p"
-    ledger = Ledger(folder, "clinic-a", "ds", 0.5, 1e-5)
+    ledger = Ledger(folder, "clinic-a", "ds", epsilon_total=0.5, delta=1e-5)
     ledger.charge("r0", RoundEvents(0.1, 8.0, 10, 20.0))
     head_before = (folder / "ledger.head.json").read_bytes()
     ledger.charge("r1", RoundEvents(0.1, 8.0, 10, 20.0))
     (folder / "ledger.head.json").write_bytes(head_before)  # as if the process died before the head write
-    again = Ledger(folder, "clinic-a", "ds", 0.5, 1e-5)
+    again = Ledger(folder, "clinic-a", "ds", epsilon_total=0.5, delta=1e-5)
     assert len(again.charges) == 2
     assert again.spent() == pytest.approx(epsilon([RoundEvents(0.1, 8.0, 10, 20.0)] * 2, 1e-5))
 
 
 def test_lifetime_budget_is_fixed_by_the_first_round(tmp_path):
-    ledger = Ledger(tmp_path / "p", "clinic-a", "ds", 0.5, 1e-5)
+    ledger = Ledger(tmp_path / "p", "clinic-a", "ds", epsilon_total=0.5, delta=1e-5)
     ledger.charge("r0", RoundEvents(0.1, 12.0, 30, 30.0))
-    assert Ledger(tmp_path / "p", "clinic-a", "ds", None, 1e-5).epsilon_total == 0.5, "status reads the recorded budget"
+    assert Ledger(tmp_path / "p", "clinic-a", "ds", epsilon_total=None, delta=1e-5).epsilon_total == 0.5, "status reads the recorded budget"
     for other in (5.0, 0.3):  # more, or less (spend less per round with --round-epsilon instead)
         with pytest.raises(LedgerMismatch, match="epsilon of dataset 'ds' was fixed at 0.5 by its first round") as err:
-            Ledger(tmp_path / "p", "clinic-a", "ds", other, 1e-5)
+            Ledger(tmp_path / "p", "clinic-a", "ds", epsilon_total=other, delta=1e-5)
         assert "\n" not in str(err.value) and "corrupt" not in str(err.value)
 
 
@@ -212,7 +212,7 @@ def test_ledger_is_authoritative_for_delta_and_records_its_accountant(tmp_path):
     """Regression (issue 13): a ledger written at delta 1e-6 is read at 1e-6 by a caller that passes
     nothing (doctor, status); a caller passing 1e-5 gets a one-line refusal, never "corrupt"."""
     folder = tmp_path / "p"
-    Ledger(folder, "clinic-a", "ds", 1.0, 1e-6).charge("r0", RoundEvents(0.1, 12.0, 30, 30.0))
+    Ledger(folder, "clinic-a", "ds", epsilon_total=1.0, delta=1e-6).charge("r0", RoundEvents(0.1, 12.0, 30, 30.0))
     entry = json.loads((folder / "ledger.jsonl").read_text())
     assert entry["delta"] == 1e-6 and entry["epsilon_total"] == 1.0 and entry["accountant"] == "rdp" and entry["dp_accounting"]
     read = Ledger(folder, "clinic-a", "ds")
@@ -220,14 +220,14 @@ def test_ledger_is_authoritative_for_delta_and_records_its_accountant(tmp_path):
     assert read.spent() == pytest.approx(epsilon([RoundEvents(0.1, 12.0, 30, 30.0)], 1e-6))
     assert read.summary()["delta"] == 1e-6 and read.summary()["accountant"] == "rdp"
     with pytest.raises(LedgerMismatch, match="delta of dataset 'ds' was fixed at 1e-06") as err:
-        Ledger(folder, "clinic-a", "ds", None, 1e-5)
+        Ledger(folder, "clinic-a", "ds", epsilon_total=None, delta=1e-5)
     assert "corrupt" not in str(err.value) and err.value.exit_code == 1
 
 
 def test_ledger_written_before_parameters_were_recorded_still_reads(tmp_path):
     """Lines of today's format (no accountant / dp-accounting version) read as the RDP accountant."""
     folder = tmp_path / "p"
-    ledger = Ledger(folder, "clinic-a", "ds", 0.5, 1e-5)
+    ledger = Ledger(folder, "clinic-a", "ds", epsilon_total=0.5, delta=1e-5)
     for i in range(2):
         ledger.charge(f"r{i}", RoundEvents(0.1, 12.0, 30, 30.0))
     old, prev = [], "0" * 64
@@ -249,7 +249,7 @@ def test_torn_last_line_is_dropped_and_the_next_charge_follows(tmp_path):
     """Regression (issue 14): a process that died inside an append leaves a cut line the head record
     never counted; it is dropped (nothing of that round was released), never a lock-out."""
     folder = tmp_path / "p"
-    ledger = Ledger(folder, "clinic-a", "ds", 0.5, 1e-5)
+    ledger = Ledger(folder, "clinic-a", "ds", epsilon_total=0.5, delta=1e-5)
     ledger.charge("r0", RoundEvents(0.1, 12.0, 30, 30.0))
     whole = (folder / "ledger.jsonl").read_bytes()
     with open(folder / "ledger.jsonl", "ab") as fh:
@@ -271,8 +271,8 @@ def test_a_budget_or_delta_close_to_the_recorded_one_keeps_the_recorded_value(tm
     """Review finding: a value isclose() to the recorded one was written into the next line as asked,
     and the next read refused that line as an edit (a lock-out)."""
     folder = tmp_path / "p"
-    Ledger(folder, "clinic-a", "ds", 0.5, 1e-5).charge("r0", RoundEvents(0.1, 12.0, 30, 30.0))
-    near = Ledger(folder, "clinic-a", "ds", 0.5 * (1 + 1e-12), 1e-5 * (1 - 1e-12))
+    Ledger(folder, "clinic-a", "ds", epsilon_total=0.5, delta=1e-5).charge("r0", RoundEvents(0.1, 12.0, 30, 30.0))
+    near = Ledger(folder, "clinic-a", "ds", epsilon_total=0.5 * (1 + 1e-12), delta=1e-5 * (1 - 1e-12))
     assert near.epsilon_total == 0.5 and near.delta == 1e-5
     near.charge("r1", RoundEvents(0.1, 12.0, 30, 30.0))
     assert len(Ledger(folder, "clinic-a", "ds").charges) == 2
@@ -280,7 +280,7 @@ def test_a_budget_or_delta_close_to_the_recorded_one_keeps_the_recorded_value(tm
 
 def test_a_torn_line_the_head_counts_is_still_refused(tmp_path):
     folder = tmp_path / "p"
-    ledger = Ledger(folder, "clinic-a", "ds", 0.5, 1e-5)
+    ledger = Ledger(folder, "clinic-a", "ds", epsilon_total=0.5, delta=1e-5)
     for i in range(2):
         ledger.charge(f"r{i}", RoundEvents(0.1, 12.0, 30, 30.0))
     data = (folder / "ledger.jsonl").read_bytes()

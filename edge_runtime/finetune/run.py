@@ -279,7 +279,7 @@ def finetune(bundle: Bundle, manifest: Manifest, state: ClinicState, opts: Finet
     baseline = active_eval["auc"]
     accepted = bool(np.isfinite(new_eval["auc"]) and new_eval["auc"] >= baseline - opts.tolerance)
     if accepted:
-        state.activate(bundle, new_params, round_id, {"val_auc": round(new_eval["auc"], 4), "base_val_auc": round(baseline, 4)})
+        state.activate(bundle, new_params, round_id=round_id, info={"val_auc": round(new_eval["auc"], 4), "base_val_auc": round(baseline, 4)})
     return {
         "update": str(update_path), "update_id": update_id, "round_id": round_id, "clinic": clinic, "dataset": opts.dataset,
         "variant": variant, "variant_reason": model_reason, "encoder_key": cache.key,

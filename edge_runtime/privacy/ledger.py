@@ -73,7 +73,7 @@ class Charge:
 class Ledger:
     """``ledger.jsonl`` (the charges) and ``ledger.head.json`` (count and last hash) in ``folder``."""
 
-    def __init__(self, folder: Path, clinic: str, dataset: str, epsilon_total: float | None = None,
+    def __init__(self, folder: Path, clinic: str, dataset: str, *, epsilon_total: float | None = None,
                  delta: float | None = None) -> None:
         """Read and verify the ledger. ``epsilon_total`` / ``delta``: what the caller asks for; None
         takes the recorded value (DEFAULT_EPSILON / DEFAULT_DELTA for a ledger without charges). A
