@@ -123,17 +123,9 @@ def cohort_for(seed: int, input_spec=None):
 def latent_draws(cohort, index: int, site: int) -> tuple[int, float, np.ndarray, np.ndarray]:
     """(label, latent u, per-modality signal f, present mask) of case ``index`` pinned to ``site``:
     the first draws of ``SyntheticCohort.case`` on the same stream, without rendering the images."""
-    from edge_runtime.synthetic import LATENT_SD, LATENT_SHIFT, MODALITY_SD
+    from edge_runtime import synthetic
 
-    rng = np.random.default_rng([cohort.config.seed, 0, index])
-    prof = cohort.sites[site]
-    label = int(rng.random() < prof.prevalence)
-    latent = LATENT_SHIFT * (2 * label - 1) + rng.normal(0.0, LATENT_SD)
-    signal = latent + rng.normal(0.0, MODALITY_SD, 3)
-    present = rng.random(3) >= np.asarray(prof.p_missing)
-    if not present.any():
-        present[rng.integers(3)] = True
-    return label, float(latent), signal, present
+    return synthetic.latent_draws(np.random.default_rng([cohort.config.seed, 0, index]), cohort.sites[site])
 
 
 @dataclass

@@ -144,6 +144,18 @@ def _gene_table(config: SynthConfig) -> _GeneTable:
     return _GeneTable(base=rng.normal(2.0, 1.0, n), module=rng.choice(n, size=size, replace=False))
 
 
+def latent_draws(rng: np.random.Generator, prof: "SiteProfile") -> tuple[int, float, np.ndarray, np.ndarray]:
+    """A case's first draws on its stream: label, latent disease factor u, per-modality signal f and
+    which modalities are present (benchmarks score the oracle and skip the rendering with these)."""
+    label = int(rng.random() < prof.prevalence)
+    latent = LATENT_SHIFT * (2 * label - 1) + rng.normal(0.0, LATENT_SD)
+    signal = latent + rng.normal(0.0, MODALITY_SD, 3)
+    present = rng.random(3) >= np.asarray(prof.p_missing)
+    if not present.any():
+        present[rng.integers(3)] = True
+    return label, float(latent), signal, present
+
+
 class SyntheticCohort:
     """Streams cases of a synthetic multi-site cohort. Cheap to create; holds no cases."""
 
@@ -159,12 +171,7 @@ class SyntheticCohort:
         rng = np.random.default_rng([self.config.seed, 0, index])
         site = int(rng.integers(self.config.n_sites)) if site is None else site
         prof = self.sites[site]
-        label = int(rng.random() < prof.prevalence)
-        latent = LATENT_SHIFT * (2 * label - 1) + rng.normal(0.0, LATENT_SD)
-        signal = latent + rng.normal(0.0, MODALITY_SD, 3)
-        present = rng.random(3) >= np.asarray(prof.p_missing)
-        if not present.any():
-            present[rng.integers(3)] = True
+        label, latent, signal, present = latent_draws(rng, prof)
         # Each modality draws from its own stream so that dropping one leaves the others unchanged.
         streams = [np.random.default_rng([self.config.seed, 3, index, m]) for m in range(3)]
         spec = self.config.spec
