@@ -100,3 +100,17 @@ def write_fake_update(state: Path, head: dict, seed: int, n: int = 50, scale: fl
     meta = {"update_id": update_id, "n": n, "val_loss": 0.6 + 0.01 * seed,
             "modality_fraction": {"ct": 1.0, "pathology": 0.5, "genomics": 0.5}, "noise_multiplier": 1.0}
     return ClinicState(state).write_update(update_id, delta, meta), update_id
+
+
+def published_server(root: Path, bundle: Path, **config):
+    """An in-process Server in ``root/srv`` with ``config``, the micro bundle published as version 1."""
+    from edge_runtime.bundle import default_public_key_path
+    from edge_runtime.keys import load_public_key
+    from server.home import Config, Home
+    from server.service import Server
+
+    home = Home(Path(root) / "srv")
+    home.init(Config(**config))
+    srv = Server(home)
+    srv.publish_bundle(bundle, load_public_key(default_public_key_path(bundle)))
+    return srv

@@ -223,15 +223,17 @@ def test_fedprox_proximal_term_changes_the_client_update(tmp_path):
         assert norms[100.0][site] < 0.8 * norms[0.0][site], norms
 
 
-def test_fedavgm_velocity_survives_a_resumed_run(tmp_path):
-    """The checkpoint keeps the strategy's server state (FedAvgM's velocity, via state_dict): a
-    federation resumed from it (a new process) starts with the velocity the first one ended with."""
+@pytest.mark.parametrize("strategy", ["fedavgm", "dwfl_mw", "fedyogi"])
+def test_strategy_state_survives_a_resumed_run(tmp_path, strategy):
+    """The checkpoint keeps the strategy's server state (FedAvgM's velocity, dwfl_mw's per-site lambda,
+    FedYogi's moments, via state_dict): a federation resumed from it (a new process) starts with the
+    state the first one ended with; resuming with another strategy is refused."""
     import torch
 
     from export.federated import Federation, prepare_cohort, prepare_sites
     from export.models import Teacher
 
-    spec = FederationSpec(sites=2, rounds=1, strategy="fedavgm", cases_per_site=8, val_per_site=6)
+    spec = FederationSpec(sites=2, rounds=1, strategy=strategy, cases_per_site=8, val_per_site=6)
     cohort, pre = prepare_cohort(CFG, spec, seed=0)
     sites = prepare_sites(cohort, pre, spec, tmp_path / "cases")
 
@@ -242,7 +244,9 @@ def test_fedavgm_velocity_survives_a_resumed_run(tmp_path):
     first = federation()
     first.run()
     ended = first.strategy.state_dict()
-    assert ended and all(k.startswith("velocity/") for k in ended) and any(np.any(v != 0) for v in ended.values())
+    assert ended
+    if strategy == "fedavgm":
+        assert all(k.startswith("velocity/") for k in ended) and any(np.any(v != 0) for v in ended.values())
     resumed = federation()
     resumed.run(resume=True)  # all rounds done: restores, trains nothing
     restored = resumed.strategy.state_dict()
@@ -268,29 +272,3 @@ def test_registry_makes_every_strategy_with_its_options():
         parse_strategy_options(("eta",))
     with pytest.raises(BadInput, match="eta"):
         make_strategy(FederationSpec(sites=2, rounds=1, strategy="dwfl_mw", strategy_options=(("eta", -1.0),)))
-
-
-@pytest.mark.parametrize("strategy", ["dwfl_mw", "fedyogi"])
-def test_new_strategy_state_survives_a_resumed_run(tmp_path, strategy):
-    """dwfl_mw's per-site lambda and FedYogi's moments go through the checkpoint like FedAvgM's velocity."""
-    import torch
-
-    from export.federated import Federation, prepare_cohort, prepare_sites
-    from export.models import Teacher
-
-    spec = FederationSpec(sites=2, rounds=1, strategy=strategy, cases_per_site=8, val_per_site=6)
-    cohort, pre = prepare_cohort(CFG, spec, seed=0)
-    sites = prepare_sites(cohort, pre, spec, tmp_path / "cases")
-
-    def federation() -> Federation:
-        torch.manual_seed(0)
-        return Federation(Teacher(CFG.model, CFG.input.n_genes, 2), sites, spec, CFG.train, 0, tmp_path / "fl", lambda _: None)
-
-    first = federation()
-    first.run()
-    ended = first.strategy.state_dict()
-    assert ended
-    resumed = federation()
-    resumed.run(resume=True)
-    restored = resumed.strategy.state_dict()
-    assert set(restored) == set(ended) and all(np.allclose(restored[k], ended[k]) for k in ended)

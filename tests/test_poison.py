@@ -22,9 +22,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from sqlalchemy import select
 
-from edge_runtime.bundle import MANIFEST, default_public_key_path, sign_manifest
+from edge_runtime.bundle import MANIFEST, sign_manifest
 from edge_runtime.errors import BadInput
-from edge_runtime.keys import generate_key, load_public_key, save_public_key
+from edge_runtime.keys import generate_key, save_public_key
 from edge_runtime.state import ClinicState
 from edge_runtime.sync import protocol
 from edge_runtime.sync import update as codec
@@ -32,11 +32,11 @@ from edge_runtime.sync.hpke import HpkePublic
 from federation.aggregation import l2_norm
 from server import db
 from server import rounds as rounds_mod
-from server.home import Config, Home
+from server.home import Config
 from server.service import Refusal, Server
 
 from .conftest import edge_run
-from .server_util import ServerProcess, write_fake_update
+from .server_util import ServerProcess, published_server, write_fake_update
 from .test_server import blob_count, clinic, make_home, rounds
 
 
@@ -115,12 +115,8 @@ def test_attack_refused_on_arrival_and_bounded_within_the_bounds(tmp_path, micro
 def loose_server(tmp_path, micro_out):
     """A server with the arrival bounds and the clip ceiling opened wide (as an older server stored
     updates): only the pre-publication check stands between a huge update and the next version."""
-    home = Home(tmp_path / "srv")
-    home.init(Config(min_clients=100, max_n=10**9, min_noise_multiplier=0.0, max_update_abs=1e38, update_clip_rms=1e35,
-                     max_client_weight=1.0))
-    srv = Server(home)
-    bundle = micro_out / "bundle"
-    srv.publish_bundle(bundle, load_public_key(default_public_key_path(bundle)))
+    srv = published_server(tmp_path, micro_out / "bundle", min_clients=100, max_n=10**9, min_noise_multiplier=0.0,
+                           max_update_abs=1e38, update_clip_rms=1e35, max_client_weight=1.0)
     yield srv
     srv.engine.dispose()
 
@@ -156,20 +152,16 @@ def test_huge_aggregate_is_not_published_round_failed_with_the_reason(loose_serv
 
 def test_default_server_refuses_the_attack_in_process(tmp_path, micro_out):
     """The same bounds through the server library (no HTTP): Refusal 422, nothing stored."""
-    home = Home(tmp_path / "srv")
-    home.init(Config(min_clients=100))
-    srv = Server(home)
-    bundle = micro_out / "bundle"
-    srv.publish_bundle(bundle, load_public_key(default_public_key_path(bundle)))
+    srv = published_server(tmp_path, micro_out / "bundle", min_clients=100)
     try:
         with pytest.raises(Refusal) as err:
             store(srv, "mallory", *crafted(tmp_path / "m", srv.head_params(1), value=1e30, n=10**9, sigma=0.0))
         assert err.value.status == 422 and "claimed n" in err.value.reason
         with srv.engine.connect() as conn:
             assert conn.execute(select(db.updates)).all() == []
-        home.save_config(Config(max_client_weight=0.0))
+        srv.home.save_config(Config(max_client_weight=0.0))
         with pytest.raises(BadInput, match=r"config.json: max_client_weight = 0.0 is out of range \(0, 1\]"):
-            Server(home)
+            Server(srv.home)
     finally:
         srv.engine.dispose()
 

@@ -13,17 +13,16 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from sqlalchemy import event, select
 
-from edge_runtime.bundle import default_public_key_path
 from edge_runtime.errors import BadInput
-from edge_runtime.keys import generate_key, load_public_key
+from edge_runtime.keys import generate_key
 from edge_runtime.sync import protocol
 from edge_runtime.sync import update as codec
 from edge_runtime.sync.hpke import HpkePublic
 from server import db, rounds
-from server.home import Config, Home
+from server.home import Config
 from server.service import Server
 
-from .server_util import edge_server, write_fake_update
+from .server_util import edge_server, published_server, write_fake_update
 
 
 def test_unknown_config_key_refused_at_start(tmp_path):
@@ -55,11 +54,7 @@ def test_config_value_of_the_wrong_kind_or_range_refused_in_one_line(tmp_path, k
 
 @pytest.fixture
 def server(tmp_path, micro_out):
-    home = Home(tmp_path / "srv")
-    home.init(Config(min_clients=100))
-    srv = Server(home)
-    bundle = micro_out / "bundle"
-    srv.publish_bundle(bundle, load_public_key(default_public_key_path(bundle)))
+    srv = published_server(tmp_path, micro_out / "bundle", min_clients=100)
     yield srv
     srv.engine.dispose()
 
