@@ -10,7 +10,7 @@ import click
 
 from edge_runtime.cliutil import handle_errors
 from edge_runtime.errors import BadInput
-from federation.aggregation import STRATEGIES
+from federation.aggregation import DEFAULT_STRATEGY, STRATEGIES
 
 from .config import CONFIGS, TEST_START, VARIANT_NAMES, get_config
 
@@ -247,7 +247,7 @@ def bundle(work: Path, out: Path | None, config_name: str, seed: int, signing_ke
 @click.option("--json", "as_json", is_flag=True, help="With --work: print the stage's record as JSON.")
 @click.option("--sites", default=4, show_default=True, type=click.IntRange(1, 64), help="Simulated sites (non-IID).")
 @click.option("--rounds", default=5, show_default=True, type=click.IntRange(1, 10_000), help="Federated rounds.")
-@click.option("--strategy", default="dwfl", show_default=True,
+@click.option("--strategy", default=DEFAULT_STRATEGY, show_default=True,
               type=click.Choice([*STRATEGY_NAMES, "centralized", "local"]),
               help="Aggregation rule, or a reference point: centralized (pooled data) / local (each site alone).")
 @click.option("--strategy-option", "strategy_options", multiple=True, metavar="KEY=VALUE",

@@ -28,7 +28,7 @@ from edge_runtime.metrics import roc_auc
 from edge_runtime.preprocess import Preprocessing
 from edge_runtime.progress import progress
 from edge_runtime.synthetic import SynthConfig, SyntheticCohort
-from federation.aggregation import STRATEGIES, ClientUpdate, Strategy, UpdateMeta
+from federation.aggregation import DEFAULT_STRATEGY, ClientUpdate, Strategy, UpdateMeta, build_strategy
 
 from .config import PipelineConfig, TrainConfig
 from .data import ConcatCases, PreparedCases
@@ -140,7 +140,7 @@ def _weighted_mean(states: list[dict[str, torch.Tensor]], weights: list[float]) 
 class FederationSpec:
     sites: int
     rounds: int
-    strategy: str = "dwfl"
+    strategy: str = DEFAULT_STRATEGY
     local_epochs: int = 1
     cases_per_site: int = 120
     val_per_site: int = 40
@@ -166,16 +166,9 @@ SPEC_SETTINGS = {"dwfl": ("beta", "temperature", "dynamic"), "fedprox": ("mu",),
 
 
 def make_strategy(spec: FederationSpec) -> Strategy:
-    if spec.strategy not in STRATEGIES:
-        raise BadInput(f"unknown strategy {spec.strategy!r}: choose one of {', '.join(STRATEGIES)}")
-    cls = STRATEGIES[spec.strategy]
     options = {k: getattr(spec, k) for k in SPEC_SETTINGS.get(spec.strategy, ())}
     options.update(dict(spec.strategy_options))
-    known = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise BadInput(f"strategy {spec.strategy!r} has no setting {', '.join(unknown)}")
-    return cls(**options)
+    return build_strategy(spec.strategy, options)
 
 
 def run_federation(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from edge_runtime.errors import BadInput
@@ -24,6 +24,7 @@ from edge_runtime.keys import (
     save_public_key,
 )
 from edge_runtime.sync.hpke import HpkePrivate
+from federation.aggregation import DEFAULT_STRATEGY, STRATEGIES
 
 HOME_ENV = "EDGE_SERVER_HOME"
 
@@ -42,7 +43,9 @@ class Config:
     token_hours: float = 72.0
     lease_seconds: float = 600.0  # a claim on an aggregation older than this is taken over
     max_skew_s: int = 300
-    beta: float = 0.3
+    beta: float = 0.3  # the dynamic share's weight, for the strategies that take one
+    strategy: str = DEFAULT_STRATEGY  # federation.aggregation.STRATEGIES (DESIGN §4)
+    strategy_options: dict = field(default_factory=dict)  # its other settings, e.g. {"eta": 1.0} for dwfl_mw
     # what one clinic may claim and move (issue 14: one enrolled clinic could poison the model)
     max_n: int = 200_000  # cases one update may claim: the default cache's 166 504 (dim 256) + the noise's room
     min_noise_multiplier: float = 0.5  # DP-SGD sigma an update must claim: accountant.SIGMA_MIN, the least a plan picks
@@ -67,8 +70,9 @@ class Config:
         if unknown:
             raise BadInput(f"{where}: unknown configuration key(s) {', '.join(map(repr, unknown))} (known: {', '.join(names)})")
         for f in fields(cls):  # each value of its default's type: a string where a number goes fails here, not per request
-            if f.name in doc and not _same_kind(doc[f.name], f.default):
-                raise BadInput(f"{where}: {f.name} = {doc[f.name]!r} must be {type(f.default).__name__} like its default {f.default!r}")
+            default = f.default_factory() if f.default is MISSING else f.default
+            if f.name in doc and not _same_kind(doc[f.name], default):
+                raise BadInput(f"{where}: {f.name} = {doc[f.name]!r} must be {type(default).__name__} like its default {default!r}")
         config = cls(**doc)
         config.check(where)
         return config
@@ -80,6 +84,15 @@ class Config:
             "max_n": (1, 10**9, False), "min_noise_multiplier": (0.0, 1e6, False), "max_update_abs": (0.0, 1e38, True),
             "update_clip_rms": (0.0, 1e38, True), "max_client_weight": (0.0, 1.0, True), "max_param_abs": (0.0, 1e38, True),
         }
+        if self.strategy not in STRATEGIES:
+            raise BadInput(f"{where}: strategy = {self.strategy!r} is not one of {', '.join(STRATEGIES)}")
+        # the bounds are the federation's, set by their own keys: a strategy option may not loosen them
+        owned = {"beta": "beta", "max_weight": "max_client_weight", "max_clip": "update_clip_rms"}
+        for key, value in self.strategy_options.items():
+            if key in owned:
+                raise BadInput(f"{where}: strategy_options.{key} is set by the key {owned[key]!r}, not here")
+            if not isinstance(value, str) and (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)):
+                raise BadInput(f"{where}: strategy_options.{key} = {value!r} must be a finite number (or a name)")
         for key, (low, high, open_low) in ranges.items():
             value = getattr(self, key)
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and \

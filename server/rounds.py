@@ -18,12 +18,14 @@ server has no validation cases of its own to score it on).
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import socket
 import time
 import uuid
 
+import numpy as np
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.exc import DBAPIError
 
@@ -107,6 +109,33 @@ def _failing(exc: Exception):
     return load
 
 
+# A stateful strategy's state (dwfl_mw's lambda per clinic, FedAvgM's velocity, FedAdam's moments) is
+# saved with each version it makes: an npz blob named in the report of the round that made the version
+# (server-side only: it is never published to clinics). The next round on that version goes on from it;
+# a failed round commits none, so its retry starts from the same state; after a restart nothing is lost.
+def save_state(srv: Server, state: dict[str, np.ndarray]) -> dict:
+    if not state:
+        return {}
+    buf = io.BytesIO()
+    np.savez(buf, **{k: np.asarray(v) for k, v in sorted(state.items())})
+    return {"state_sha256": srv.blobs.put(buf.getvalue()), "state_entries": len(state)}
+
+
+def saved_state(srv: Server, version: int) -> dict[str, np.ndarray]:
+    """The state saved with ``version`` by the configured strategy; {} for the first version, or when
+    another strategy made it (a changed ``strategy`` starts afresh, logged)."""
+    with srv.engine.connect() as conn:
+        report = conn.execute(select(db.rounds.c.report).where(db.rounds.c.result_version == version)).scalar()
+    saved = (report or {}).get("strategy") or {}
+    if saved.get("name") not in (None, srv.config.strategy):
+        log.warning("version %d was made by strategy %r; %r starts without its state", version, saved["name"], srv.config.strategy)
+        return {}
+    if not saved.get("state_sha256"):
+        return {}
+    with np.load(io.BytesIO(srv.blobs.get(saved["state_sha256"])), allow_pickle=False) as z:
+        return {k: np.asarray(z[k]) for k in z.files}
+
+
 def aggregate_round(srv: Server, round_id: int) -> int | None:
     """Aggregate a claimed round and publish the result; returns the new version (None: lost the claim).
     An update that cannot be opened is rejected with its reason (in the round's report)."""
@@ -116,7 +145,7 @@ def aggregate_round(srv: Server, round_id: int) -> int | None:
     base = srv.manifest(rnd.base_version)
     global_params = srv.head_params(rnd.base_version)
     t0 = time.perf_counter()
-    strategy = srv.strategy_for(global_params)
+    strategy = srv.strategy_for(global_params, saved_state(srv, rnd.base_version))
     result = strategy.aggregate(global_params, stored_updates(srv, rows), branch_of)
     for clinic, reason in result.rejected:
         log.warning("update rejected at aggregation: %s", reason, extra={"clinic": clinic, "round": round_id})
@@ -132,7 +161,8 @@ def aggregate_round(srv: Server, round_id: int) -> int | None:
     report = {"accepted": result.accepted, "rejected": [list(x) for x in result.rejected], "weights": result.weights,
               "clip_bound": round(result.clip_bound, 6), "clip_ceiling": round(strategy.max_clip, 6),
               "max_weight": strategy.max_weight, "norms": {k: round(v, 6) for k, v in result.norms.items()},
-              "seconds": round(time.perf_counter() - t0, 3), "aggregated_by": WORKER_ID}
+              "seconds": round(time.perf_counter() - t0, 3), "aggregated_by": WORKER_ID,
+              "strategy": {"name": strategy.name, **save_state(srv, strategy.state_dict())}}
     weights_name = base["head"]["weights"]
     files = {name: srv.blobs.get(meta["sha256"]) for name, meta in base["files"].items() if name != weights_name}
     files[weights_name] = head_npz

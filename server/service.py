@@ -28,7 +28,7 @@ from edge_runtime.keys import key_id
 from edge_runtime.sync import protocol
 from edge_runtime.sync import update as codec
 from edge_runtime.sync.hpke import SealError
-from federation.aggregation import DWFL
+from federation.aggregation import Strategy, build_strategy, settings_of
 
 from . import db
 from .blobs import BlobStore
@@ -77,20 +77,26 @@ class Server:
         self.hpke = home.hpke()
         self.hpke_public = self.hpke.public()
         self._heads: dict[int, dict[str, np.ndarray]] = {}
-        # built at start so that a setting out of range is refused before serving; DW-FL keeps no
-        # server state (a strategy that does would be saved with each version it makes)
-        try:
-            self.strategy = DWFL(beta=self.config.beta, max_weight=self.config.max_client_weight)
-        except BadInput as exc:
-            raise BadInput(f"{home.config_path}: {exc}") from None
+        self.strategy_for({})  # built once at start: a strategy setting out of range is refused before serving
         self.bounds = codec.Bounds(max_n=self.config.max_n, min_noise_multiplier=self.config.min_noise_multiplier,
                                    max_abs=self.config.max_update_abs)
 
-    def strategy_for(self, head: dict[str, np.ndarray]) -> DWFL:
-        """The strategy for a round on ``head``: the fixed clip ceiling C_max = update_clip_rms x
-        sqrt(parameters), an RMS change per parameter that no update can raise."""
+    def strategy_for(self, head: dict[str, np.ndarray], state: dict[str, np.ndarray] | None = None) -> Strategy:
+        """A fresh strategy for a round on ``head``, as config.json says (``strategy``, ``strategy_options``,
+        ``beta``), with the federation's bounds: weight cap ``max_client_weight`` and the fixed clip ceiling
+        C_max = update_clip_rms x sqrt(parameters), an RMS change per parameter that no update can raise;
+        ``state`` is what the strategy kept when it made the round's base version (rounds.saved_state)."""
         size = sum(int(v.size) for v in head.values())
-        return replace(self.strategy, max_clip=self.config.update_clip_rms * math.sqrt(size))
+        options = {**self.config.strategy_options, "max_weight": self.config.max_client_weight,
+                   "max_clip": self.config.update_clip_rms * math.sqrt(size)}
+        if "beta" in settings_of(self.config.strategy):
+            options["beta"] = self.config.beta
+        try:
+            strategy = build_strategy(self.config.strategy, options)
+            strategy.load_state_dict(state or {})
+        except BadInput as exc:  # beta and the bounds were range-checked by Config.check: the options are left
+            raise BadInput(f"{self.home.config_path}: strategy_options: {exc}") from None
+        return strategy
 
     # ------------------------------------------------------------ enrollment
 

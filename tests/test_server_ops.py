@@ -40,7 +40,10 @@ def test_unknown_config_key_refused_at_start(tmp_path):
 
 
 @pytest.mark.parametrize("key, value, says", [("beta", "0.3", "must be float"), ("body_reads", "4", "must be int"),
-                                              ("beta", 2.0, "out of range"), ("min_clients", True, "must be int")])
+                                              ("beta", 2.0, "out of range"), ("min_clients", True, "must be int"),
+                                              ("strategy", "dwfl_typo", "is not one of"), ("strategy_options", [1], "must be dict"),
+                                              ("strategy_options", {"beta": 0.9}, "set by the key 'beta'"),
+                                              ("strategy_options", {"eta": -1.0}, "eta"), ("strategy_options", {"typo": 1.0}, "no setting typo")])
 def test_config_value_of_the_wrong_kind_or_range_refused_in_one_line(tmp_path, key, value, says):
     """Review finding: "beta": "0.3" crashed every edge-server command with a TypeError traceback."""
     home = tmp_path / "srv"
@@ -59,17 +62,21 @@ def server(tmp_path, micro_out):
     srv.engine.dispose()
 
 
-def store(srv: Server, tmp_path, name: str, seed: int) -> str:
-    """Enroll ``name`` and store one update of it for round 1, every check of receive_update included."""
-    key = generate_key()
-    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    token, pub = srv.issue_token(name), base64.b64encode(raw).decode()
-    body = json.dumps({"token": token, "public_key": pub}).encode()
-    srv.enroll(protocol.sign_request(key, name, "POST", "/v1/enroll", body), "POST", "/v1/enroll", body, token, pub)
-    path, uid = write_fake_update(tmp_path / name, srv.head_params(1), seed)
+def store(srv: Server, tmp_path, name: str, seed: int, *, round_id: int = 1, keys: dict | None = None) -> str:
+    """Enroll ``name`` (unless ``keys`` has it) and store one update of it for ``round_id`` on that
+    round's base version, every check of receive_update included."""
+    keys = {} if keys is None else keys
+    if name not in keys:
+        key = keys[name] = generate_key()
+        raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        token, pub = srv.issue_token(name), base64.b64encode(raw).decode()
+        body = json.dumps({"token": token, "public_key": pub}).encode()
+        srv.enroll(protocol.sign_request(key, name, "POST", "/v1/enroll", body), "POST", "/v1/enroll", body, token, pub)
+    key, base = keys[name], round_row(srv, round_id).base_version
+    path, uid = write_fake_update(tmp_path / name / f"r{round_id}", srv.head_params(base), seed)
     hpke = HpkePublic.from_dict(srv.server_identity()["hpke_public"])
-    env = codec.seal(path.read_bytes(), key=key, hpke_public=hpke, update_id=uid, clinic=name, round_id=1, base_version=1,
-                     kem="x25519")
+    env = codec.seal(path.read_bytes(), key=key, hpke_public=hpke, update_id=uid, clinic=name, round_id=round_id,
+                     base_version=base, kem="x25519")
     assert srv.receive_update(name, key.public_key(), env).status == "stored"
     return uid
 
@@ -84,7 +91,7 @@ def test_summary_stored_on_arrival_and_each_update_opened_once(server, tmp_path)
     ids = [store(srv, tmp_path, f"c{i}", seed=i) for i in range(4)]
     with srv.engine.connect() as conn:
         rows = {r.update_id: r for r in conn.execute(select(db.updates))}
-    delta = codec.read(tmp_path / "c0" / "outbox" / f"{ids[0]}.npz").delta
+    delta = codec.read(tmp_path / "c0" / "r1" / "outbox" / f"{ids[0]}.npz").delta
     summary = codec.Summary.from_dict(rows[ids[0]].meta)
     assert summary.norm == pytest.approx(codec.norm(delta), rel=1e-12) and summary.n == 50 and len(summary.sha256_plain) == 64
 
@@ -98,7 +105,8 @@ def test_summary_stored_on_arrival_and_each_update_opened_once(server, tmp_path)
     blobs_of_updates = [sha for sha in opened if sha in {r.blob_sha256 for r in rows.values()}]
     assert sorted(blobs_of_updates) == sorted(r.blob_sha256 for r in rows.values()), "each sealed update read once"
     per_row = [s for s in statements if "FROM rounds" in s and "JOIN" not in s]
-    assert len(per_row) <= 2, f"no query per update: {len(per_row)} round queries for 4 updates"
+    # the round, the strategy state saved with its base version, the final recount: none per update
+    assert len(per_row) <= 3, f"no query per update: {len(per_row)} round queries for 4 updates"
 
 
 def test_update_that_cannot_be_opened_at_aggregation_is_rejected_with_its_reason(server, tmp_path):
@@ -174,5 +182,42 @@ def test_rows_stored_before_the_norm_was_recorded_still_aggregate(server, tmp_pa
         conn.execute(db.rounds.update().where(db.rounds.c.id == 1).values(min_clients=2))
     assert rounds.tick(srv) == [2]
     report = round_row(srv, 1).report
-    delta = codec.read(tmp_path / "c0" / "outbox" / f"{ids[0]}.npz").delta
+    delta = codec.read(tmp_path / "c0" / "r1" / "outbox" / f"{ids[0]}.npz").delta
     assert sorted(report["accepted"]) == ["c0", "c1"] and report["norms"]["c0"] == pytest.approx(codec.norm(delta), abs=1e-6)
+
+
+def test_stateful_strategy_state_is_saved_with_each_version_and_survives_a_restart(tmp_path, micro_out, caplog):
+    """dwfl_mw (the default) keeps lambda per clinic: saved with the version a round makes, read by the
+    next round on it, also by a restarted server; a clinic that stays worst keeps gaining. Old main
+    built a stateless DWFL every round whatever the configuration."""
+    srv = published_server(tmp_path, micro_out / "bundle", min_clients=3, strategy_options={"eta": 4.0})
+    assert srv.config.strategy == "dwfl_mw"
+    keys: dict = {}
+    for i in range(3):  # write_fake_update: val_loss 0.6 + 0.01 x seed, so c2 fits worst, every round
+        store(srv, tmp_path, f"c{i}", seed=i, keys=keys)
+    assert rounds.tick(srv) == [2]
+    first = round_row(srv, 1).report
+    assert first["strategy"]["name"] == "dwfl_mw" and first["strategy"]["state_entries"] == 3
+    state = rounds.saved_state(srv, 2)
+    assert state["lambda/c2"] > state["lambda/c1"] > state["lambda/c0"]
+    assert rounds.saved_state(srv, 1) == {}, "the first version was made by no round"
+
+    srv.engine.dispose()
+    srv = Server(srv.home)  # a restart: nothing in memory
+    restored = rounds.saved_state(srv, 2)
+    assert restored.keys() == state.keys() and all(float(restored[k]) == float(state[k]) for k in state)
+    for i in range(3):
+        store(srv, tmp_path, f"c{i}", seed=10 + i, keys=keys)  # same losses order, round 2 on version 2
+    assert rounds.tick(srv) == [3]
+    second = round_row(srv, 2).report
+    assert second["weights"]["shared"]["c2"] > first["weights"]["shared"]["c2"], (first["weights"], second["weights"])
+    assert rounds.saved_state(srv, 3)["lambda/c2"] > state["lambda/c2"], "the worst clinic keeps gaining"
+
+    srv.engine.dispose()
+    srv.home.config_path.write_text(json.dumps({**json.loads(srv.home.config_path.read_text()), "strategy": "fedavg",
+                                                "strategy_options": {}}))
+    srv = Server(srv.home)
+    with caplog.at_level("WARNING", logger="server.rounds"):
+        assert rounds.saved_state(srv, 3) == {}
+    assert "made by strategy 'dwfl_mw'" in caplog.text
+    srv.engine.dispose()
