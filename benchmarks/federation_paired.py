@@ -16,8 +16,8 @@ Tiers:
   fast  (default): the student head (numpy, ``edge_runtime.finetune.head``: the clinic tier's head)
         federated on frozen embeddings. The embeddings are an embedding-level surrogate of a frozen
         encoder: each case's label, latent factor, per-modality signals and missing modalities are the
-        synthetic generator's own draws (``latent_draws``: the same RNG stream as
-        ``SyntheticCohort.case``, checked by tests), and each site's scanner / stain / batch profile
+        synthetic generator's own draws (``SyntheticCohort.draws``, what ``case`` renders from,
+        checked by tests), and each site's scanner / stain / batch profile
         distorts what the encoder sees (gain, offset, noise, a site "style" vector), through a fixed
         random map into 8 dimensions per modality. No images are rendered: 20+ seeds in minutes.
   fast-dp: the same with the clinic tier's privacy: DP-SGD locally (clip 1, sigma 1) and the
@@ -53,6 +53,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import png_path, write_result  # noqa: E402
+from edge_runtime.synthetic import observed_oracle  # noqa: E402
 
 # ---------------------------------------------------------------- PRE-REGISTERED SETTINGS (do not tune)
 
@@ -120,14 +121,6 @@ def cohort_for(seed: int, input_spec=None):
     return cohort
 
 
-def latent_draws(cohort, index: int, site: int) -> tuple[int, float, np.ndarray, np.ndarray]:
-    """(label, latent u, per-modality signal f, present mask) of case ``index`` pinned to ``site``:
-    the first draws of ``SyntheticCohort.case`` on the same stream, without rendering the images."""
-    from edge_runtime import synthetic
-
-    return synthetic.latent_draws(np.random.default_rng([cohort.config.seed, 0, index]), cohort.sites[site])
-
-
 @dataclass
 class Split:
     emb: np.ndarray  # (n, 3, d)
@@ -135,16 +128,6 @@ class Split:
     y: np.ndarray  # (n,)
     latent: np.ndarray  # (n,) the generator's disease factor: the oracle's score
     observed: np.ndarray | None = None  # (n,) the Bayes score from the modalities present (see observed_oracle)
-
-
-def observed_oracle(signal: np.ndarray, present: np.ndarray) -> float:
-    """The best score from the modalities a case has, before any site distortion: given the label,
-    the present signals f_m = u + e_m are Gaussian with covariance MODALITY_SD² I + LATENT_SD² 11ᵀ, so
-    the log likelihood ratio is 2 LATENT_SHIFT Σ_present f_m / (MODALITY_SD² + k LATENT_SD²)."""
-    from edge_runtime.synthetic import LATENT_SD, LATENT_SHIFT, MODALITY_SD
-
-    k = int(present.sum())
-    return float(2 * LATENT_SHIFT * signal[present].sum() / (MODALITY_SD ** 2 + k * LATENT_SD ** 2))
 
 
 def site_distortion(cohort, site: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -172,7 +155,7 @@ def embed(cohort, site: int, indices: range) -> Split:
     emb, mask = np.zeros((n, 3, HEAD_DIM)), np.zeros((n, 3))
     y, latent, observed = np.zeros(n, dtype=np.int64), np.zeros(n), np.zeros(n)
     for row, index in enumerate(indices):
-        label, u, f, present = latent_draws(cohort, index, site)
+        _, label, u, f, present = cohort.draws(index, site)
         observed[row] = observed_oracle(f, present)
         rng = np.random.default_rng([cohort.config.seed, 6, index])
         x = gain * f + offset + noise * rng.normal(0.0, 1.0, 3)
@@ -354,7 +337,7 @@ def run_seed_tiny(job: dict) -> dict:
     start = time.perf_counter()
     out = {"seed": seed, "runs": {}, "oracle_auc": [], "prevalence_test": []}
     for k in range(N_SITES):
-        draws = [latent_draws(cohort, k * SITE_STRIDE + TEST_OFFSET + i, k) for i in range(TEST_CASES["tiny"])]
+        draws = [cohort.draws(k * SITE_STRIDE + TEST_OFFSET + i, k)[1:] for i in range(TEST_CASES["tiny"])]
         y, u = np.array([d[0] for d in draws]), np.array([d[1] for d in draws])
         out["oracle_auc"].append(auc(y, u))
         out.setdefault("oracle_observed_auc", []).append(auc(y, np.array([observed_oracle(d[2], d[3]) for d in draws])))

@@ -156,6 +156,14 @@ def latent_draws(rng: np.random.Generator, prof: "SiteProfile") -> tuple[int, fl
     return label, float(latent), signal, present
 
 
+def observed_oracle(signal: np.ndarray, present: np.ndarray) -> float:
+    """The best score from the modalities a case has, before any site distortion: given the label,
+    the present signals f_m = u + e_m are Gaussian with covariance MODALITY_SD² I + LATENT_SD² 11ᵀ, so
+    the log likelihood ratio is 2 LATENT_SHIFT Σ_present f_m / (MODALITY_SD² + k LATENT_SD²)."""
+    k = int(present.sum())
+    return float(2 * LATENT_SHIFT * signal[present].sum() / (MODALITY_SD ** 2 + k * LATENT_SD ** 2))
+
+
 class SyntheticCohort:
     """Streams cases of a synthetic multi-site cohort. Cheap to create; holds no cases."""
 
@@ -166,12 +174,17 @@ class SyntheticCohort:
         self.sites = site_profiles(self.config)
         self._genes = _gene_table(self.config)
 
-    def case(self, index: int, site: int | None = None) -> Case:
-        """The case with this index; ``site`` pins it to one site (federated simulations)."""
+    def draws(self, index: int, site: int | None = None) -> tuple[int, int, float, np.ndarray, np.ndarray]:
+        """(site, label, latent u, per-modality signal f, present mask) of case ``index``: what the case is
+        rendered from, without rendering it (benchmarks score the oracles with these)."""
         rng = np.random.default_rng([self.config.seed, 0, index])
         site = int(rng.integers(self.config.n_sites)) if site is None else site
+        return (site, *latent_draws(rng, self.sites[site]))
+
+    def case(self, index: int, site: int | None = None) -> Case:
+        """The case with this index; ``site`` pins it to one site (federated simulations)."""
+        site, label, latent, signal, present = self.draws(index, site)
         prof = self.sites[site]
-        label, latent, signal, present = latent_draws(rng, prof)
         # Each modality draws from its own stream so that dropping one leaves the others unchanged.
         streams = [np.random.default_rng([self.config.seed, 3, index, m]) for m in range(3)]
         spec = self.config.spec

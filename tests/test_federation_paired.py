@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from benchmarks import federation_paired as B
-from edge_runtime.synthetic import InputSpec
+from edge_runtime.synthetic import InputSpec, observed_oracle
 
 SMALL = InputSpec(ct_grid=(4, 16, 16), tile=16, n_genes=32)
 
@@ -16,9 +16,13 @@ def test_latent_draws_are_the_generators_own():
     for site in range(B.N_SITES):
         for index in (site * B.SITE_STRIDE + i for i in range(0, 40, 7)):
             case = cohort.case(index, site=site)
-            label, latent, _, present = B.latent_draws(cohort, index, site)
+            drawn_site, label, latent, _, present = cohort.draws(index, site)
+            assert drawn_site == site
             assert (label, latent) == (case.label, case.risk)
             assert tuple(m for m, p in zip(("ct", "pathology", "genomics"), present) if p) == case.modalities
+    for index in range(20):  # unpinned (seed_protocol's cases): the site is drawn first, on the same stream
+        case, (site, label, latent, _, _) = cohort.case(index), cohort.draws(index)
+        assert (site, label, latent) == (case.site, case.label, case.risk)
 
 
 def test_pre_registered_sites():
@@ -52,5 +56,5 @@ def test_one_seed_runs_every_strategy_and_weights_sum_to_one():
 
 def test_observed_oracle_is_the_likelihood_ratio_by_hand():
     # two modalities present, f = (1.0, 0.5): 2 * 0.7 * 1.5 / (1 + 2 * 0.16)
-    score = B.observed_oracle(np.array([1.0, 9.0, 0.5]), np.array([True, False, True]))
+    score = observed_oracle(np.array([1.0, 9.0, 0.5]), np.array([True, False, True]))
     assert abs(score - 2 * 0.7 * 1.5 / 1.32) < 1e-12
