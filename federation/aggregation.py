@@ -782,7 +782,7 @@ class QFedAvg(FedAvg):
 STRATEGIES: dict[str, type[Strategy]] = {
     cls.name: cls for cls in (DWFL, FedAvg, FedProx, FedAvgM, DWFLMemory, DWFLPower, FedAdam, FedYogi, QFedAvg)
 }
-# The product's DW-FL (DESIGN §4): chosen on benchmarks/federation_paired.py's evidence (README).
+# The product's DW-FL (DESIGN §4): chosen on benchmarks/federation_noniid.py's paired evidence (README).
 DEFAULT_STRATEGY = "dwfl_mw"
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from benchmarks import federation_paired as B
+from benchmarks import federation_noniid as B
 from edge_runtime.synthetic import InputSpec, observed_oracle
 
 SMALL = InputSpec(ct_grid=(4, 16, 16), tile=16, n_genes=32)
