@@ -551,6 +551,15 @@ def main() -> None:
     docs: list[dict] = []
     if args.merge:
         docs = [json.loads(Path(f).read_text()) for f in args.merge.split(",")]
+        for f, d in zip(args.merge.split(","), docs):  # parts of one comparison only: same tier, teacher, settings
+            got = {k: d["settings"].get(k) for k in ("tier", "config", "rounds", "test_cases", "strategy_settings")}
+            want = {"tier": args.tier, "config": args.config if args.tier == "tiny" else None, "rounds": ROUNDS[args.tier],
+                    "test_cases": TEST_CASES[args.tier], "strategy_settings": json.loads(json.dumps(STRATEGY_SETTINGS))}
+            if got["tier"] is None:  # parts written before the tier was recorded: their command says it
+                got["tier"] = "tiny" if "--tier tiny" in d["command"] else got["tier"]
+                got["config"] = want["config"] if "--config" not in d["command"] else d["command"].split("--config ")[1].split()[0]
+            if got != want:
+                parser.error(f"--merge: {f} is not a part of this comparison: {got} (this run: {want})")
         results = sorted((r for d in docs for r in d["per_seed"]), key=lambda r: r["seed"])
         if len({r["seed"] for r in results}) != len(results):
             parser.error("--merge: the files share seeds")
@@ -568,7 +577,7 @@ def main() -> None:
     tag = args.tag or (args.config if args.tier == "tiny" and args.config != "tiny" else "")
     # the tiny tier (the teacher, the target) is the headline result: federation_noniid.json
     name = "federation_noniid" + ("" if args.tier == "tiny" else f"_{args.tier.replace('-', '_')}") + (f"_{tag}" if tag else "")
-    settings = {"sites": N_SITES, "train_cases": TRAIN_CASES, "val_cases": VAL_CASES, "test_cases": TEST_CASES[args.tier],
+    settings = {"tier": args.tier, "config": args.config if args.tier == "tiny" else None, "sites": N_SITES, "train_cases": TRAIN_CASES, "val_cases": VAL_CASES, "test_cases": TEST_CASES[args.tier],
                 "label_alpha": LABEL_ALPHA, "prevalence_override": PREVALENCE, "rounds": ROUNDS[args.tier],
                 "local_epochs": LOCAL_EPOCHS, "strategy_settings": STRATEGY_SETTINGS, "seeds": seeds,
                 "head_dim": HEAD_DIM, "batch": BATCH, "local_lr": LOCAL_LR,

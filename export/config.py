@@ -6,6 +6,7 @@ from dataclasses import dataclass, field, replace
 
 from edge_runtime.errors import BadInput
 from edge_runtime.synthetic import InputSpec
+from federation.aggregation import DEFAULT_STRATEGY
 
 # First synthetic case index of the validation and test splits (training starts at 0).
 VAL_START, TEST_START = 500_000, 1_000_000
@@ -35,6 +36,7 @@ class TrainConfig:
     calib_cases: int = 32
     teacher_epochs: int = 5  # federated: rounds of one local epoch each
     teacher_training: str = "federated"  # "federated" (DW-FL over the cohort's sites) or "central"
+    teacher_strategy: str = DEFAULT_STRATEGY  # federated: the aggregation rule (part of the work folder's identity)
     student_epochs: int = 5
     batch_size: int = 16
     lr: float = 3e-3

@@ -38,6 +38,7 @@ from edge_runtime.metrics import roc_auc
 from edge_runtime.model import EdgeModel
 from edge_runtime.preprocess import Preprocessing
 from edge_runtime.synthetic import SynthConfig, SyntheticCohort
+from federation.aggregation import settings_of
 
 from .candidates import Builder, check_variant_names, search
 from .config import TEST_START, VAL_START, VARIANT_NAMES, PipelineConfig
@@ -195,7 +196,7 @@ def train_federated_or_central(
     teacher: Teacher, data: PreparedCases, val: PreparedCases, cfg: PipelineConfig, seed: int, out: Path,
     log: Log, device: str,
 ) -> None:
-    """The teacher the product promises: trained federated with DW-FL (beta = 0.3) over the cohort's
+    """The teacher the product promises: trained federated with DW-FL (``teacher_strategy``, beta = 0.3) over the cohort's
     sites, each site training only on its own cases, one local epoch per round (``out`` gets the
     federation's federated.pt and rounds.jsonl); or centrally (``out`` gets federated.pt alone)."""
     if cfg.train.teacher_training == "central":
@@ -205,9 +206,9 @@ def train_federated_or_central(
     sites = [Site(k, data.subset(np.flatnonzero(data.site == k)), val.subset(np.flatnonzero(val.site == k)))
              for k in range(cfg.n_sites)]
     sites = [s for s in sites if len(s.train)]
-    spec = FederationSpec(sites=len(sites), rounds=cfg.train.teacher_epochs, device=device)
+    spec = FederationSpec(sites=len(sites), rounds=cfg.train.teacher_epochs, strategy=cfg.train.teacher_strategy, device=device)
     log(f"teacher: federated over {len(sites)} sites ({', '.join(str(len(s.train)) for s in sites)} cases), "
-        f"{spec.rounds} rounds of DW-FL (beta {spec.beta})")
+        f"{spec.rounds} rounds of {spec.strategy} (beta {spec.beta})")
     Federation(teacher, sites, spec, cfg.train, seed, out, log).run()
 
 
@@ -243,6 +244,7 @@ def train_teacher_stage(
     check_checkpoint(init_checkpoint)
     if cfg.train.teacher_training not in ("federated", "central"):
         raise BadInput(f"teacher_training must be 'federated' or 'central', not {cfg.train.teacher_training!r}")
+    settings_of(cfg.train.teacher_strategy)  # an unknown rule is refused before any work
     work.check_folder()
     clock = time.perf_counter()
     work.begin("teacher")

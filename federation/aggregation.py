@@ -392,7 +392,7 @@ class FedAvgM(FedAvg):
 
     name: ClassVar[str] = "fedavgm"
     momentum: float = 0.9
-    velocity: Params | None = field(default=None, repr=False)
+    velocity: Params | None = field(default=None, init=False, repr=False)  # state, not a setting
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -438,8 +438,11 @@ def relative_losses(losses: np.ndarray) -> np.ndarray:
     """L_k / mean_j L_j: unchanged when every loss is multiplied by the same factor (all ones when the
     mean is not positive)."""
     losses = np.asarray(losses, dtype=np.float64)
-    mean = losses.mean() if losses.size else 0.0
-    return losses / mean if mean > 0 else np.ones_like(losses)
+    top = losses.max() if losses.size else 0.0
+    if not top > 0:
+        return np.ones_like(losses)
+    scaled = losses / top  # first: a mean of claimed losses near the float maximum would overflow
+    return scaled / scaled.mean()
 
 
 def capped_simplex(v: np.ndarray, low: float, high: float) -> np.ndarray:
@@ -477,7 +480,9 @@ def mw_shares(prior: np.ndarray, losses: np.ndarray, *, eta: float, smoothing: f
     if k == 0:
         return prior
     g = relative_losses(losses) - 1.0
-    x = prior / prior.sum() * np.exp(eta * g)
+    # in log space: one client's enormous claimed loss saturates at the cap, it never overflows to NaN
+    log_x = np.log(np.maximum(prior / prior.sum(), 1e-300)) + eta * g
+    x = np.exp(log_x - log_x.max())
     x = (1.0 - smoothing) * x / x.sum() + smoothing / k
     return capped_simplex(x, floor / k, cap / k)
 
@@ -489,7 +494,8 @@ def power_shares(relative: np.ndarray, *, q: float, floor: float, cap: float) ->
     k = relative.size
     if k == 0:
         return relative
-    return capped_simplex(np.maximum(relative, 1e-12) ** q, floor / k, cap / k)
+    log_x = q * np.log(np.maximum(relative, 1e-12))  # r^q in log space: no overflow for any claimed loss
+    return capped_simplex(np.exp(log_x - log_x.max()), floor / k, cap / k)
 
 
 def mixed_weights(n: np.ndarray, dynamic: np.ndarray, staleness: np.ndarray, beta: float,

@@ -24,13 +24,26 @@ from edge_runtime.keys import (
     save_public_key,
 )
 from edge_runtime.sync.hpke import HpkePrivate
-from federation.aggregation import DEFAULT_STRATEGY, STRATEGIES
+from federation.aggregation import DEFAULT_STRATEGY, build_strategy, settings_of
 
 HOME_ENV = "EDGE_SERVER_HOME"
 
 
 def default_home() -> Path:
     return Path(os.environ.get(HOME_ENV) or "~/.dwfl-server").expanduser()
+
+
+# What config.json may choose (DESIGN §4). Only rules whose per-clinic influence bound holds
+# (one clinic moves the head by at most server_lr x max_client_weight x C_max): the server optimizers
+# (fedavgm, fedadam, fedyogi) break it (momentum piles rounds up; Adam rescales every coordinate), and
+# fedprox's mu would not reach the clinics (their DP fine-tuning has no proximal term): not offered.
+SERVER_STRATEGIES = ("dwfl_mw", "dwfl", "dwfl_pow", "fedavg", "qfedavg")
+SERVER_OPTIONS: dict[str, tuple[float, float] | type] = {
+    "server_lr": (1e-6, 1.0), "clip_factor": (0.5, 10.0),  # 0 would switch the adaptive clip off
+    "eta": (0.0, 10.0), "smoothing": (0.0, 1.0), "floor": (0.0, 1.0), "cap": (1.0, 10.0), "q": (0.0, 10.0),
+    "memory": (0.0, 0.99), "temperature": (0.01, 100.0), "lipschitz": (1e-6, 1e6), "dynamic": str, "inverse_variance": bool,
+}
+OWNED = {"beta": "beta", "max_weight": "max_client_weight", "max_clip": "update_clip_rms"}  # set by their own keys
 
 
 @dataclass
@@ -84,21 +97,44 @@ class Config:
             "max_n": (1, 10**9, False), "min_noise_multiplier": (0.0, 1e6, False), "max_update_abs": (0.0, 1e38, True),
             "update_clip_rms": (0.0, 1e38, True), "max_client_weight": (0.0, 1.0, True), "max_param_abs": (0.0, 1e38, True),
         }
-        if self.strategy not in STRATEGIES:
-            raise BadInput(f"{where}: strategy = {self.strategy!r} is not one of {', '.join(STRATEGIES)}")
-        # the bounds are the federation's, set by their own keys: a strategy option may not loosen them
-        owned = {"beta": "beta", "max_weight": "max_client_weight", "max_clip": "update_clip_rms"}
-        for key, value in self.strategy_options.items():
-            if key in owned:
-                raise BadInput(f"{where}: strategy_options.{key} is set by the key {owned[key]!r}, not here")
-            if not isinstance(value, str) and (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)):
-                raise BadInput(f"{where}: strategy_options.{key} = {value!r} must be a finite number (or a name)")
         for key, (low, high, open_low) in ranges.items():
             value = getattr(self, key)
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and \
                 (value > low if open_low else value >= low) and value <= high
             if not ok or (key == "max_n" and not isinstance(value, int)):
                 raise BadInput(f"{where}: {key} = {value!r} is out of range {'(' if open_low else '['}{low:g}, {high:g}]")
+        self._check_strategy(where)
+
+    def _check_strategy(self, where: str) -> None:
+        """Only rules whose per-clinic influence bound holds (DESIGN §4), only settings in SERVER_OPTIONS,
+        each in range; then the strategy is built once, so nothing else is refused later."""
+        if self.strategy not in SERVER_STRATEGIES:
+            raise BadInput(f"{where}: strategy = {self.strategy!r} is not one the server offers ({', '.join(SERVER_STRATEGIES)})")
+        for key, value in self.strategy_options.items():
+            if key in OWNED:
+                raise BadInput(f"{where}: strategy_options.{key} is set by the key {OWNED[key]!r}, not here")
+            if key not in SERVER_OPTIONS:
+                raise BadInput(f"{where}: strategy_options.{key} is not settable on the server (settable: {', '.join(SERVER_OPTIONS)})")
+            kind = SERVER_OPTIONS[key]
+            if isinstance(kind, type):
+                ok = type(value) is kind
+            else:
+                low, high = kind
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
+            if not ok:
+                raise BadInput(f"{where}: strategy_options.{key} = {value!r} must be "
+                               + (kind.__name__ if isinstance(kind, type) else f"a number in [{kind[0]:g}, {kind[1]:g}]"))
+        try:
+            build_strategy(self.strategy, self.strategy_settings(max_clip=0.0))
+        except BadInput as exc:
+            raise BadInput(f"{where}: strategy_options: {exc}") from None
+
+    def strategy_settings(self, *, max_clip: float) -> dict:
+        """The strategy's constructor settings: strategy_options, and the federation's own keys."""
+        settings = {**self.strategy_options, "max_weight": self.max_client_weight, "max_clip": max_clip}
+        if "beta" in settings_of(self.strategy):
+            settings["beta"] = self.beta
+        return settings
 
 
 def _same_kind(value, default) -> bool:

@@ -30,6 +30,7 @@ from sqlalchemy import and_, or_, select, update
 from sqlalchemy.exc import DBAPIError
 
 from edge_runtime import MODALITIES
+from edge_runtime.errors import BadInput
 from edge_runtime.finetune.head import params_bytes
 from edge_runtime.sync import update as codec
 from federation.aggregation import ClientUpdate, UpdateMeta, l2_norm, unpublishable
@@ -132,8 +133,12 @@ def saved_state(srv: Server, version: int) -> dict[str, np.ndarray]:
         return {}
     if not saved.get("state_sha256"):
         return {}
-    with np.load(io.BytesIO(srv.blobs.get(saved["state_sha256"])), allow_pickle=False) as z:
-        return {k: np.asarray(z[k]) for k in z.files}
+    try:
+        with np.load(io.BytesIO(srv.blobs.get(saved["state_sha256"])), allow_pickle=False) as z:
+            return {k: np.asarray(z[k]) for k in z.files}
+    except (OSError, ValueError, EOFError, BadInput) as exc:  # lost or damaged blob: the federation goes on
+        log.warning("strategy state of version %d is unreadable (%s); starting afresh", version, exc)
+        return {}
 
 
 def aggregate_round(srv: Server, round_id: int) -> int | None:

@@ -28,7 +28,7 @@ from edge_runtime.keys import key_id
 from edge_runtime.sync import protocol
 from edge_runtime.sync import update as codec
 from edge_runtime.sync.hpke import SealError
-from federation.aggregation import Strategy, build_strategy, settings_of
+from federation.aggregation import Strategy, build_strategy
 
 from . import db
 from .blobs import BlobStore
@@ -77,25 +77,20 @@ class Server:
         self.hpke = home.hpke()
         self.hpke_public = self.hpke.public()
         self._heads: dict[int, dict[str, np.ndarray]] = {}
-        self.strategy_for({})  # built once at start: a strategy setting out of range is refused before serving
         self.bounds = codec.Bounds(max_n=self.config.max_n, min_noise_multiplier=self.config.min_noise_multiplier,
                                    max_abs=self.config.max_update_abs)
 
     def strategy_for(self, head: dict[str, np.ndarray], state: dict[str, np.ndarray] | None = None) -> Strategy:
-        """A fresh strategy for a round on ``head``, as config.json says (``strategy``, ``strategy_options``,
-        ``beta``), with the federation's bounds: weight cap ``max_client_weight`` and the fixed clip ceiling
-        C_max = update_clip_rms x sqrt(parameters), an RMS change per parameter that no update can raise;
-        ``state`` is what the strategy kept when it made the round's base version (rounds.saved_state)."""
+        """A fresh strategy for a round on ``head``, as config.json says (checked at start by
+        Config.check), with the fixed clip ceiling C_max = update_clip_rms x sqrt(parameters), an RMS
+        change per parameter that no update can raise; ``state`` is what the strategy kept when it
+        made the round's base version (rounds.saved_state)."""
         size = sum(int(v.size) for v in head.values())
-        options = {**self.config.strategy_options, "max_weight": self.config.max_client_weight,
-                   "max_clip": self.config.update_clip_rms * math.sqrt(size)}
-        if "beta" in settings_of(self.config.strategy):
-            options["beta"] = self.config.beta
+        strategy = build_strategy(self.config.strategy, self.config.strategy_settings(max_clip=self.config.update_clip_rms * math.sqrt(size)))
         try:
-            strategy = build_strategy(self.config.strategy, options)
             strategy.load_state_dict(state or {})
-        except BadInput as exc:  # beta and the bounds were range-checked by Config.check: the options are left
-            raise BadInput(f"{self.home.config_path}: strategy_options: {exc}") from None
+        except BadInput as exc:  # e.g. written by another version of the rule: go on without it, say so
+            log.warning("strategy state saved with the base version does not load (%s); starting afresh", exc)
         return strategy
 
     # ------------------------------------------------------------ enrollment

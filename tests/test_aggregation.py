@@ -546,3 +546,21 @@ def test_new_strategies_take_keyword_only_range_checked_settings():
                         (lambda: QFedAvg(q=-0.5), "q ="), (lambda: QFedAvg(lipschitz=0), "lipschitz")]:
         with pytest.raises(BadInput, match=words):
             make()
+
+
+def test_an_enormous_claimed_loss_saturates_at_the_cap_and_never_makes_nan():
+    """Review finding: with eta 4 and 200 clinics, one val_loss of 1e300 made every share NaN (exp
+    overflow), so one clinic could fail every round."""
+    from federation.aggregation import DWFLMemory, DWFLPower, mw_shares, power_shares
+
+    losses = np.full(200, 0.6)
+    losses[7] = 1e300
+    for shares in (mw_shares(np.ones(200), losses, eta=4.0, smoothing=0.1, floor=0.25, cap=3.0),
+                   power_shares(losses / losses.mean(), q=10.0, floor=0.25, cap=3.0)):
+        assert np.all(np.isfinite(shares)) and abs(shares.sum() - 1) < 1e-9
+        assert shares[7] == pytest.approx(3.0 / 200) and shares.max() == shares[7]
+    ups = [update(f"c{i}", 100, 1e300 if i == 0 else 0.5, 0.1 * (i + 1)) for i in range(4)]
+    for strategy in (DWFLMemory(eta=4.0), DWFLPower(q=10.0)):
+        result = strategy.aggregate(GLOBAL, ups, branch_of)
+        assert all(np.all(np.isfinite(v)) for v in result.params.values())
+        assert result.weights["shared"]["c0"] <= 0.7 * 0.25 + 0.3 * 3.0 / 4 + 1e-6

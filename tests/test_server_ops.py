@@ -41,9 +41,14 @@ def test_unknown_config_key_refused_at_start(tmp_path):
 
 @pytest.mark.parametrize("key, value, says", [("beta", "0.3", "must be float"), ("body_reads", "4", "must be int"),
                                               ("beta", 2.0, "out of range"), ("min_clients", True, "must be int"),
-                                              ("strategy", "dwfl_typo", "is not one of"), ("strategy_options", [1], "must be dict"),
+                                              ("strategy", "dwfl_typo", "not one the server offers"),
+                                              ("strategy", "fedadam", "not one the server offers"),  # breaks the influence bound
+                                              ("strategy_options", [1], "must be dict"),
                                               ("strategy_options", {"beta": 0.9}, "set by the key 'beta'"),
-                                              ("strategy_options", {"eta": -1.0}, "eta"), ("strategy_options", {"typo": 1.0}, "no setting typo")])
+                                              ("strategy_options", {"server_lr": 100.0}, "server_lr = 100.0 must be a number in [1e-06, 1]"),
+                                              ("strategy_options", {"clip_factor": 0.0}, "clip_factor"),
+                                              ("strategy_options", {"eta": -1.0}, "eta"), ("strategy_options", {"q": 5.0}, "no setting q"),
+                                              ("strategy_options", {"typo": 1.0}, "not settable on the server")])
 def test_config_value_of_the_wrong_kind_or_range_refused_in_one_line(tmp_path, key, value, says):
     """Review finding: "beta": "0.3" crashed every edge-server command with a TypeError traceback."""
     home = tmp_path / "srv"
