@@ -1,0 +1,91 @@
+"""A large update's tensors, read one at a time from a stream (the hospital tier's teacher updates,
+DESIGN §10): the server checks, measures and aggregates a ~160 MB update without holding it whole.
+
+The format is safetensors (written by the ``safetensors`` library on the hospital: an 8-byte
+little-endian header length, a JSON header naming each tensor's dtype, shape and byte range, then
+the bytes). The library reads files by random access (mmap); the server reads a *stream* (the
+decrypting stream of ``federation.sealed_stream``), so this module parses the same format
+sequentially, by hand: about forty lines, checked against files the library writes.
+
+Checked before any tensor is used: header size, JSON, every name and shape against the federation's
+model (``expected``), float32 only, byte ranges contiguous from 0 without holes or overlaps in name
+order of their offsets, the stream ending exactly where the last tensor does, every value finite.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterator, Mapping
+from typing import BinaryIO
+
+import numpy as np
+
+from edge_runtime.errors import BadInput
+
+MAX_HEADER = 16 << 20  # a header of 16 MB names ~100 k tensors; beyond it is not an update
+DTYPES = {"F32": np.dtype("<f4")}  # updates are float32 deltas
+READ = 1 << 20
+
+
+def _read_exact(stream: BinaryIO, n: int, where: str, what: str) -> bytes:
+    parts, left = [], n
+    while left:
+        chunk = stream.read(min(left, READ))
+        if not chunk:
+            raise BadInput(f"{where}: update ends inside {what} ({n - left} of {n} bytes)")
+        parts.append(chunk)
+        left -= len(chunk)
+    return b"".join(parts)
+
+
+def read_header(stream: BinaryIO, expected: Mapping[str, tuple[int, ...]], where: str) -> list[tuple[str, tuple[int, ...], int]]:
+    """The tensors in stream order as (name, shape, byte length), checked against ``expected``."""
+    (size,) = struct.unpack("<Q", _read_exact(stream, 8, where, "the header length"))
+    if not 2 <= size <= MAX_HEADER:
+        raise BadInput(f"{where}: header of {size} bytes (allowed 2 .. {MAX_HEADER})")
+    try:
+        header = json.loads(_read_exact(stream, size, where, "the header"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadInput(f"{where}: header is not JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise BadInput(f"{where}: header is not a JSON object")
+    header.pop("__metadata__", None)
+    missing, extra = sorted(set(expected) - set(header)), sorted(set(header) - set(expected))
+    if missing or extra:
+        raise BadInput(f"{where}: tensors differ from the model's (missing {missing[:3]}, unknown {extra[:3]})")
+    entries = []
+    for name, spec in header.items():
+        try:
+            dtype, shape, (start, end) = spec["dtype"], tuple(int(x) for x in spec["shape"]), spec["data_offsets"]
+        except (TypeError, KeyError, ValueError) as exc:
+            raise BadInput(f"{where}: tensor {name!r}: malformed entry ({exc})") from None
+        if dtype not in DTYPES:
+            raise BadInput(f"{where}: tensor {name!r} is {dtype}; updates are {', '.join(DTYPES)}")
+        if shape != tuple(expected[name]):
+            raise BadInput(f"{where}: tensor {name!r} has shape {list(shape)}, the model's is {list(expected[name])}")
+        entries.append((int(start), int(end), name, shape))
+    entries.sort()
+    offset = 0
+    for start, end, name, shape in entries:
+        if start != offset or end - start != int(np.prod(shape, dtype=np.int64)) * DTYPES["F32"].itemsize:
+            raise BadInput(f"{where}: tensor {name!r}: byte range [{start}, {end}) does not follow at {offset} with its shape's size")
+        offset = end
+    return [(name, shape, end - start) for start, end, name, shape in entries]
+
+
+def iter_tensors(stream: BinaryIO, expected: Mapping[str, tuple[int, ...]], where: str = "update") -> Iterator[tuple[str, np.ndarray]]:
+    """(name, float32 array) one tensor at a time, in stream order; the stream must end after the
+    last one. Memory: the largest tensor, never the update."""
+    for name, shape, length in read_header(stream, expected, where):
+        array = np.frombuffer(_read_exact(stream, length, where, f"tensor {name!r}"), dtype=DTYPES["F32"]).reshape(shape)
+        if not np.all(np.isfinite(array)):
+            raise BadInput(f"{where}: tensor {name!r} has non-finite values")
+        yield name, array
+    if stream.read(1):
+        raise BadInput(f"{where}: bytes after the last tensor")
+
+
+def stream_norm(stream: BinaryIO, expected: Mapping[str, tuple[int, ...]], where: str = "update") -> float:
+    """The update's L2 norm (float64 sum, as ``l2_norm``), every check above made on the way."""
+    return float(np.sqrt(sum(float(np.sum(np.square(a, dtype=np.float64))) for _, a in iter_tensors(stream, expected, where))))
