@@ -226,3 +226,23 @@ def test_stateful_strategy_state_is_saved_with_each_version_and_survives_a_resta
         assert rounds.saved_state(srv, 3) == {}
     assert "made by strategy 'dwfl_mw'" in caplog.text
     srv.engine.dispose()
+
+
+def test_a_failed_round_leaves_the_state_of_its_base_version_as_it_was(tmp_path, micro_out):
+    """The retry of a failed round starts from the same strategy state: the failed round commits none."""
+    srv = published_server(tmp_path, micro_out / "bundle", min_clients=2)
+    keys: dict = {}
+    for i in range(2):
+        store(srv, tmp_path, f"c{i}", seed=i, keys=keys)
+    assert rounds.tick(srv) == [2]
+    before = rounds.saved_state(srv, 2)
+    assert before, "dwfl_mw saved its lambda with version 2"
+    srv.config.max_param_abs = 1e-9  # every aggregated head is now refused before publication
+    for i in range(2):
+        store(srv, tmp_path, f"c{i}", seed=20 + i, round_id=2, keys=keys)
+    assert rounds.tick(srv) == []
+    assert round_row(srv, 2).state == "failed" and round_row(srv, 3).base_version == 2
+    after = rounds.saved_state(srv, 2)
+    assert after.keys() == before.keys() and all(float(after[k]) == float(before[k]) for k in before)
+    assert "strategy" not in (round_row(srv, 2).report or {}), "a failed round names no state"
+    srv.engine.dispose()
