@@ -24,12 +24,10 @@ Tiers:
         validation loss, n and modality fractions released through ``noisy_metadata`` (z = 20) as the
         clinics release them; the dynamic term sees only the noised loss (Deliver 4).
   tiny  (``--tier tiny``): the tiny teacher federated end to end (export.federated.run_federation),
-        same sites, 500 test cases per site. Not run yet. Estimate, scaled from federation_ablations'
-        90 s per run at 4 sites x 216 cases: about 4 min per (seed, strategy) on 2 cores (3,744 cases
-        prepared per run), so 10 seeds x 11 runs is about 7 h here; on the 16-core GPU machine
-        (--jobs 15 --device cuda, ~110 s per run there at the old sizes) about 35 min, or about 14 min
-        for --strategies fedavg,dwfl,dwfl_mw,dwfl_pow. Runs longer than one call can be split by seeds
-        (--seeds 0-4 --tag a, --seeds 5-9 --tag b) and summarised together with --merge.
+        same sites, 500 test cases per site. About 330 s per (seed, strategy) on 2 cores alone; the
+        pre-registered confirmation (--strategies fedavg,dwfl_mw, seeds 0-9) ran as two halves
+        (--seeds 0-4 --tag a, --seeds 5-9 --tag b) summarised together with --merge; the other
+        rules' tiny runs (about 5 h more here) were not run.
         ``--config micro`` is a smoke check of the same path (26 s for 3 runs of one seed here).
 
 Usage:
