@@ -377,5 +377,88 @@ def synth(out: Path, cases: int, sites: int, seed: int, config_name: str, start:
     click.echo(f"wrote {cases} cases and {manifest}")
 
 
+# ------------------------------------------------------------------ hospital tier (DESIGN §10)
+
+
+@main.command("teacher-init")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for the first global teacher's files.")
+@click.option("--config", "config_name", default="tiny", show_default=True, type=click.Choice(sorted(CONFIGS)), help="Model size.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Initialisation (and cohort) seed.")
+@click.option("--sites", default=4, show_default=True, type=click.IntRange(1, 64), help="Sites the preprocessing is fitted over.")
+@click.option("--cases-per-site", default=120, show_default=True, type=click.IntRange(4, 1_000_000))
+@click.option("--init-checkpoint", type=click.Path(path_type=Path), default=None,
+              help="Local pretrained teacher weights to start the federation from (transfer learning).")
+@click.option("--local-norm/--shared-norm", default=True, show_default=True, help="FedBN: normalisation layers stay at each hospital.")
+@handle_errors
+def teacher_init(out: Path, config_name: str, seed: int, sites: int, cases_per_site: int, init_checkpoint: Path | None,
+                 local_norm: bool) -> None:
+    """Write the first global teacher for `edge-server publish-teacher`."""
+    from .hospital import teacher_init as init
+
+    if init_checkpoint is not None and not init_checkpoint.is_file():
+        raise BadInput(f"{init_checkpoint}: no such checkpoint file")
+    done = init(out, config_name=config_name, seed=seed, sites=sites, cases_per_site=cases_per_site,
+                init_checkpoint=init_checkpoint, local_norm=local_norm)
+    click.echo(f"wrote {done['folder']}: {done['tensors']} shared tensors ({done['parameters']} parameters), "
+               f"{done['local_tensors']} local normalisation tensors")
+
+
+@main.command("enroll")
+@click.option("--server", "url", required=True, help="Aggregation server URL, e.g. https://fl.example.org")
+@click.option("--token", required=True, help="Hospital-tier token from `edge-server token --tier hospital`.")
+@click.option("--state", required=True, type=click.Path(path_type=Path), help="The hospital's state folder.")
+@handle_errors
+def enroll_cmd(url: str, token: str, state: Path) -> None:
+    """Enroll this hospital in the teacher federation: a fresh signing key, the server's keys pinned."""
+    from .hospital import enroll
+
+    done = enroll(state, url, token)
+    click.echo(f"enrolled {done['clinic']} (hospital) with server key {done['server_key_id'][:16]}…; state {done['state']}")
+
+
+@main.command("train-round")
+@click.option("--state", required=True, type=click.Path(path_type=Path), help="The hospital's state folder (after `enroll`).")
+@click.option("--manifest", type=click.Path(path_type=Path), default=None,
+              help="The hospital's labelled cases (CSV/JSONL manifest of DICOM/NIfTI, tiles, expression files).")
+@click.option("--synthetic-site", type=click.IntRange(min=0), default=None,
+              help="Instead of --manifest: this site of the synthetic cohort (demo, tests).")
+@click.option("--synthetic-sites", default=4, show_default=True, type=click.IntRange(1, 64))
+@click.option("--cohort-seed", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--cases", default=120, show_default=True, type=click.IntRange(4, 1_000_000), help="Synthetic training cases.")
+@click.option("--val-cases", default=40, show_default=True, type=click.IntRange(2, 1_000_000), help="Synthetic validation cases.")
+@click.option("--device", default="cpu", show_default=True, help="torch device (cpu, cuda, cuda:1).")
+@click.option("--init-checkpoint", type=click.Path(path_type=Path), default=None,
+              help="Local pretrained teacher: its normalisation layers start this hospital's own (FedBN).")
+@click.option("--seed", default=None, type=click.IntRange(min=0), help="Local training seed [default: from the hospital's name].")
+@click.option("--epochs", default=1, show_default=True, type=click.IntRange(1, 1000), help="Local epochs per round.")
+@click.option("--threads", default=2, show_default=True, type=click.IntRange(1, 256), help="torch threads.")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def train_round_cmd(state: Path, manifest: Path | None, synthetic_site: int | None, synthetic_sites: int, cohort_seed: int,
+                    cases: int, val_cases: int, device: str, init_checkpoint: Path | None, seed: int | None, epochs: int,
+                    threads: int, as_json: bool) -> None:
+    """One scheduled run: send what is pending, and if the open teacher round has nothing from this
+    hospital, pull the global teacher, train on the hospital's cases, seal and upload the update."""
+    import torch
+
+    from .hospital import SyntheticSite, train_round
+
+    if (manifest is None) == (synthetic_site is None):
+        raise BadInput("train-round takes --manifest (the hospital's cases) or --synthetic-site, one of them")
+    if synthetic_site is not None and synthetic_site >= synthetic_sites:
+        raise BadInput(f"--synthetic-site {synthetic_site} does not exist: the cohort has sites 0 .. {synthetic_sites - 1}")
+    if init_checkpoint is not None and not init_checkpoint.is_file():
+        raise BadInput(f"{init_checkpoint}: no such checkpoint file")
+    data = manifest if manifest is not None else SyntheticSite(synthetic_site, synthetic_sites, cohort_seed, cases, val_cases)
+    torch.set_num_threads(threads)
+    done = train_round(state, data, device=check_device(device), init_checkpoint=init_checkpoint, seed=seed, epochs=epochs,
+                       log=(lambda m: click.echo(m, err=True)) if as_json else click.echo)
+    if as_json:
+        click.echo(json.dumps(done, indent=2, default=str))
+        return
+    click.echo(done["status"] + (f": update {done['update']['update_id']} stored in round {done['update']['answer']['round']}, "
+                                 f"{done['update']['chunks_sent']} chunk(s) sent" if done["status"] == "sent" else ""))
+
+
 if __name__ == "__main__":
     main()

@@ -29,6 +29,7 @@ from edge_runtime.preprocess import Preprocessing
 from edge_runtime.progress import progress
 from edge_runtime.synthetic import SynthConfig, SyntheticCohort
 from federation.aggregation import DEFAULT_STRATEGY, ClientUpdate, Strategy, UpdateMeta, build_strategy
+from federation.teacher import branch_of
 
 from .config import PipelineConfig, TrainConfig
 from .data import ConcatCases, PreparedCases
@@ -47,14 +48,6 @@ SITE_STRIDE = 100_000  # site k's training cases are k*SITE_STRIDE + i; validati
 VAL_OFFSET, TEST_OFFSET = 50_000, 75_000
 CHECKPOINT = "federated.pt"
 LOG = "rounds.jsonl"
-
-
-def branch_of(name: str) -> str | None:
-    """Which modality branch a teacher parameter belongs to (None: shared fusion / classifier)."""
-    for m in MODALITIES:
-        if name.startswith((f"encoders.{m}.", f"alignment.proj.{m}.")):
-            return m
-    return None
 
 
 @dataclass
@@ -97,7 +90,10 @@ def evaluate_site(model: Teacher, data: PreparedCases, batch_size: int, device: 
 def local_train(
     model: Teacher, site: Site, cfg: TrainConfig, epochs: int, mu: float, seed: int, device: str = "cpu"
 ) -> None:
-    """Local epochs on one site; ``mu`` > 0 adds FedProx's proximal term to the global weights."""
+    """Local epochs on one site; ``mu`` > 0 adds FedProx's proximal term to the global weights.
+    Every random draw follows ``seed`` (dropout too): a hospital process makes the same update as
+    the simulation's site."""
+    torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     anchor = [p.detach().clone() for p in model.parameters()] if mu > 0 else None
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -114,6 +110,28 @@ def local_train(
             opt.zero_grad()
             loss.backward()
             opt.step()
+
+
+@dataclass
+class SiteStep:
+    delta: dict[str, np.ndarray]  # theta_site - theta_global over the shared parameters
+    meta: dict  # n, val_loss, modality_fraction: UpdateMeta's fields besides the client's name
+    auc_before: float  # the global model's AUC on the site's validation cases
+    norm_state: dict[str, torch.Tensor]  # the site's normalisation layers after training (FedBN)
+
+
+def site_round(model: Teacher, site: Site, global_params: dict[str, np.ndarray], *, cfg: TrainConfig, epochs: int,
+               mu: float, seed: int, norms: set[str], device: str = "cpu") -> SiteStep:
+    """One site's part of a round, on ``model`` already holding the global teacher as the site runs
+    it: L_k measured before training, local epochs, the delta over ``global_params``' names. The
+    simulation and a hospital process (export.hospital) both run exactly this."""
+    val_loss, auc = evaluate_site(model, site.val, cfg.batch_size, device)
+    local_train(model, site, cfg, epochs, mu, seed=seed, device=device)
+    trained = _params(model)
+    delta = {k: trained[k] - v for k, v in global_params.items()}
+    state = model.state_dict()
+    return SiteStep(delta, {"n": len(site.train), "val_loss": val_loss, "modality_fraction": site.modality_fraction}, auc,
+                    {k: state[k].detach().clone() for k in norms})
 
 
 def norm_names(model: torch.nn.Module) -> set[str]:
@@ -242,14 +260,11 @@ class Federation:
             updates, site_state, auc_before = [], [], {}
             for site in self.sites:
                 self._at_site(global_state, site)
-                val_loss, auc_before[site.index] = evaluate_site(model, site.val, bs, device)
-                local_train(model, site, self.cfg, spec.local_epochs, mu, seed=self.seed * 1000 + rnd * 100 + site.index,
-                            device=device)
-                delta = {k: v - global_params[k] for k, v in self._shared(_params(model)).items()}
-                meta = UpdateMeta(f"site{site.index}", len(site.train), val_loss, site.modality_fraction)
-                updates.append(ClientUpdate.in_memory(meta, delta))
-                state = model.state_dict()
-                site_state.append({k: state[k].detach().clone() for k in self.norms})
+                step = site_round(model, site, global_params, cfg=self.cfg, epochs=spec.local_epochs, mu=mu,
+                                  seed=self.seed * 1000 + rnd * 100 + site.index, norms=self.norms, device=device)
+                auc_before[site.index] = step.auc_before
+                updates.append(ClientUpdate.in_memory(UpdateMeta(f"site{site.index}", **step.meta), step.delta))
+                site_state.append(step.norm_state)
                 advance(1)
             result = self.strategy.aggregate(global_params, updates, branch_of)
             model.load_state_dict(global_state)

@@ -36,6 +36,15 @@ streaming_aead.register()
 TEMPLATE = streaming_aead.streaming_aead_key_templates.AES256_GCM_HKDF_1MB
 SEGMENT = 1 << 20  # the template's ciphertext segment size
 COPY = 1 << 20  # bytes moved per read/write while sealing or opening
+HEADER, TAG = 40, 16  # stream header (length byte, 32-byte salt, 7-byte nonce prefix); GCM tag per segment
+
+
+def sealed_size(plain_size: int) -> int:
+    """The ciphertext size of a ``plain_size``-byte stream (the first segment also holds the header):
+    what a declared upload size is checked against before any byte of it is stored."""
+    first = SEGMENT - HEADER - TAG
+    segments = 1 if plain_size <= first else 1 + -(-(plain_size - first) // (SEGMENT - TAG))
+    return plain_size + HEADER + TAG * segments
 
 
 @dataclass(frozen=True)

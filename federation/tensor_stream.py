@@ -26,6 +26,7 @@ from edge_runtime.errors import BadInput
 MAX_HEADER = 16 << 20  # a header of 16 MB names ~100 k tensors; beyond it is not an update
 DTYPES = {"F32": np.dtype("<f4")}  # updates are float32 deltas
 READ = 1 << 20
+HEADER_PER_TENSOR = 160  # '"NAME":{"dtype":"F32","shape":[...],"data_offsets":[A,B]},' beyond the name
 
 
 def _read_exact(stream: BinaryIO, n: int, where: str, what: str) -> bytes:
@@ -39,8 +40,9 @@ def _read_exact(stream: BinaryIO, n: int, where: str, what: str) -> bytes:
     return b"".join(parts)
 
 
-def read_header(stream: BinaryIO, expected: Mapping[str, tuple[int, ...]], where: str) -> list[tuple[str, tuple[int, ...], int]]:
-    """The tensors in stream order as (name, shape, byte length), checked against ``expected``."""
+def read_header(stream: BinaryIO, expected: Mapping[str, tuple[int, ...]] | None, where: str) -> list[tuple[str, tuple[int, ...], int]]:
+    """The tensors in stream order as (name, shape, byte length), checked against ``expected``
+    (None: any names and shapes, e.g. the first global teacher, which defines the federation's)."""
     (size,) = struct.unpack("<Q", _read_exact(stream, 8, where, "the header length"))
     if not 2 <= size <= MAX_HEADER:
         raise BadInput(f"{where}: header of {size} bytes (allowed 2 .. {MAX_HEADER})")
@@ -51,7 +53,7 @@ def read_header(stream: BinaryIO, expected: Mapping[str, tuple[int, ...]], where
     if not isinstance(header, dict):
         raise BadInput(f"{where}: header is not a JSON object")
     header.pop("__metadata__", None)
-    missing, extra = sorted(set(expected) - set(header)), sorted(set(header) - set(expected))
+    missing, extra = (sorted(set(expected) - set(header)), sorted(set(header) - set(expected))) if expected is not None else ([], [])
     if missing or extra:
         raise BadInput(f"{where}: tensors differ from the model's (missing {missing[:3]}, unknown {extra[:3]})")
     entries = []
@@ -62,7 +64,7 @@ def read_header(stream: BinaryIO, expected: Mapping[str, tuple[int, ...]], where
             raise BadInput(f"{where}: tensor {name!r}: malformed entry ({exc})") from None
         if dtype not in DTYPES:
             raise BadInput(f"{where}: tensor {name!r} is {dtype}; updates are {', '.join(DTYPES)}")
-        if shape != tuple(expected[name]):
+        if expected is not None and shape != tuple(expected[name]):
             raise BadInput(f"{where}: tensor {name!r} has shape {list(shape)}, the model's is {list(expected[name])}")
         entries.append((int(start), int(end), name, shape))
     entries.sort()
@@ -74,7 +76,21 @@ def read_header(stream: BinaryIO, expected: Mapping[str, tuple[int, ...]], where
     return [(name, shape, end - start) for start, end, name, shape in entries]
 
 
-def iter_tensors(stream: BinaryIO, expected: Mapping[str, tuple[int, ...]], where: str = "update") -> Iterator[tuple[str, np.ndarray]]:
+def shapes(path, where: str | None = None) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of a float32 safetensors file, from its header alone."""
+    with open(path, "rb") as fh:
+        return {name: shape for name, shape, _ in read_header(fh, None, where or str(path))}
+
+
+def plain_size_bounds(expected: Mapping[str, tuple[int, ...]]) -> tuple[int, int]:
+    """The least and most bytes a safetensors file of exactly these tensors takes: the tensor bytes,
+    the 8-byte length and a JSON header (at most HEADER_PER_TENSOR bytes per entry, 8-byte padded)."""
+    data = sum(int(np.prod(s, dtype=np.int64)) * 4 for s in expected.values())
+    names = sum(len(n.encode()) for n in expected)
+    return data + 8 + 2 + names, data + 8 + names + HEADER_PER_TENSOR * len(expected) + 1024
+
+
+def iter_tensors(stream: BinaryIO, expected: Mapping[str, tuple[int, ...]] | None, where: str = "update") -> Iterator[tuple[str, np.ndarray]]:
     """(name, float32 array) one tensor at a time, in stream order; the stream must end after the
     last one. Memory: the largest tensor, never the update."""
     for name, shape, length in read_header(stream, expected, where):
@@ -84,6 +100,22 @@ def iter_tensors(stream: BinaryIO, expected: Mapping[str, tuple[int, ...]], wher
         yield name, array
     if stream.read(1):
         raise BadInput(f"{where}: bytes after the last tensor")
+
+
+def write_tensors(sink: BinaryIO, params: Mapping[str, np.ndarray]) -> int:
+    """Write float32 ``params`` as safetensors (names sorted, as the library does), one tensor at a
+    time; the bytes written. The server writes each new global teacher so: it needs no second copy."""
+    offsets, offset = {}, 0
+    for name in sorted(params):
+        size = int(params[name].size) * 4
+        offsets[name] = {"dtype": "F32", "shape": list(params[name].shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    header = json.dumps(offsets, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the library pads the header to 8 bytes
+    sink.write(struct.pack("<Q", len(header)) + header)
+    for name in sorted(params):
+        sink.write(np.ascontiguousarray(params[name], dtype=DTYPES["F32"]).tobytes())
+    return 8 + len(header) + offset
 
 
 def stream_norm(stream: BinaryIO, expected: Mapping[str, tuple[int, ...]], where: str = "update") -> float:

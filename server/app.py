@@ -4,6 +4,12 @@
     GET  /v1/model                        latest version and the current round (signed)
     GET  /v1/bundle/{version}/manifest.json, /v1/bundle/{version}/files/{name}   (signed)
     POST /v1/updates                      an Envelope (signed); 200 stored or already had it
+    GET  /v1/teacher                      latest teacher version and the current teacher round (hospitals)
+    POST /v1/teacher/uploads, PUT /v1/teacher/uploads/{id}/{index}, GET /v1/teacher/uploads/{id},
+    POST /v1/teacher/uploads/{id}/complete   a chunked, resumable teacher update (server.uploads)
+
+A version is read by the tier that trains its federation: head bundles by clinics, teachers by
+hospitals; head updates only from clinics, teacher updates only from hospitals (403 otherwise).
 """
 
 from __future__ import annotations
@@ -16,14 +22,14 @@ from typing import Annotated
 import anyio
 from fastapi import FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import ClientDisconnect
 
 from edge_runtime.bundle import MANIFEST, canonical_json
 from edge_runtime.sync import protocol
 
-from . import rounds
+from . import db, rounds, uploads
 from .logs import RequestId
 from .service import Refusal, Server
 
@@ -53,6 +59,26 @@ class EnvelopeBody(BaseModel):
     kem: str = Field(max_length=32)
     sealed: str
     signature: str = Field(max_length=200)
+
+
+class UploadBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    update_id: str = Field(min_length=1, max_length=128)
+    round: int = Field(ge=1, le=DB_INT_MAX)
+    base_version: int = Field(ge=1, le=DB_INT_MAX)
+    kem: str = Field(max_length=32)
+    stream_key: dict
+    total_size: int = Field(ge=1, le=2**62)
+    meta: dict
+
+
+class CompleteBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+UploadId = Annotated[str, Path(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+ChunkIndex = Annotated[int, Path(ge=0, le=DB_INT_MAX)]
 
 
 def peer(request: Request) -> str:
@@ -184,28 +210,74 @@ def create_app(srv: Server, tick_seconds: float = 2.0) -> FastAPI:
         req = parse(EnrollBody, body)
         return await anyio.to_thread.run_sync(srv.enroll, request.headers, "POST", request.url.path, body, req.token, req.public_key)
 
+    async def signed(request: Request, tier: str | None, body: bytes | None = None) -> str:
+        body = await read_body(request) if body is None else body
+        return (await anyio.to_thread.run_sync(srv.authenticate, request.headers, request.method, request.url.path, body, tier))[0]
+
     @app.get("/v1/model")
     async def model(request: Request):
-        await anyio.to_thread.run_sync(srv.authenticate, request.headers, "GET", request.url.path, await read_body(request))
+        await signed(request, "clinic")
         return await anyio.to_thread.run_sync(srv.status)
+
+    @app.get("/v1/teacher")
+    async def teacher(request: Request):
+        await signed(request, "hospital")
+        return await anyio.to_thread.run_sync(srv.status, "teacher")
+
+    async def version_for(request: Request, version: int):
+        """The version's manifest, for the tier that trains its federation only."""
+        name = await signed(request, None)
+        row = await anyio.to_thread.run_sync(srv.version_row, version)
+        tier = db.FEDERATIONS[row.federation]
+        if await anyio.to_thread.run_sync(srv.tier_of, name) != tier:
+            raise Refusal(403, f"version {version} belongs to the {row.federation} federation: for {tier}s only")
+        return await anyio.to_thread.run_sync(srv.manifest, version)
 
     @app.get("/v1/bundle/{version}/manifest.json")
     async def manifest(version: Version, request: Request):
-        await anyio.to_thread.run_sync(srv.authenticate, request.headers, "GET", request.url.path, await read_body(request))
-        return Response(canonical_json(srv.manifest(version)), media_type="application/json")
+        return Response(canonical_json(await version_for(request, version)), media_type="application/json")
 
     @app.get("/v1/bundle/{version}/files/{name:path}")
     async def bundle_file(version: Version, name: str, request: Request):
-        await anyio.to_thread.run_sync(srv.authenticate, request.headers, "GET", request.url.path, await read_body(request))
-        files = srv.manifest(version)["files"]
+        files = (await version_for(request, version))["files"]
         if name == MANIFEST or name not in files:
             raise Refusal(404, f"version {version} has no file {name!r}")
-        return Response(srv.blobs.get(files[name]["sha256"]), media_type="application/octet-stream")
+        path = srv.blobs.path(files[name]["sha256"])  # streamed from disk (a teacher is ~160 MB); the client checks the hash
+        if not path.is_file():
+            raise Refusal(500, f"version {version}: file {name!r} is missing from the blob store")
+        return FileResponse(path, media_type="application/octet-stream")
+
+    @app.post("/v1/teacher/uploads")
+    async def upload_begin(request: Request):
+        body = await read_body(request)
+        hospital = await signed(request, "hospital", body)
+        req = uploads.UploadStart(**parse(UploadBody, body).model_dump())
+        return await anyio.to_thread.run_sync(uploads.begin, srv, hospital, req)
+
+    @app.get("/v1/teacher/uploads/{upload_id}")
+    async def upload_status(upload_id: UploadId, request: Request):
+        hospital = await signed(request, "hospital")
+        return await anyio.to_thread.run_sync(uploads.status, srv, hospital, upload_id)
+
+    @app.put("/v1/teacher/uploads/{upload_id}/{index}")
+    async def upload_chunk(upload_id: UploadId, index: ChunkIndex, request: Request):
+        body = await read_body(request)
+        hospital = await signed(request, "hospital", body)
+        return await anyio.to_thread.run_sync(uploads.chunk, srv, hospital, upload_id, index, body)
+
+    @app.post("/v1/teacher/uploads/{upload_id}/complete")
+    async def upload_complete(upload_id: UploadId, request: Request):
+        body = await read_body(request)
+        hospital = await signed(request, "hospital", body)
+        done = await anyio.to_thread.run_sync(uploads.complete, srv, hospital, upload_id, parse(CompleteBody, body).sha256)
+        if done.status == "stored":
+            wake.set()
+        return {"status": done.status, "update_id": done.update_id, "round": done.round, "staleness": done.staleness}
 
     @app.post("/v1/updates")
     async def upload(request: Request):
         body = await read_body(request)
-        clinic, key = await anyio.to_thread.run_sync(srv.authenticate, request.headers, "POST", request.url.path, body)
+        clinic, key = await anyio.to_thread.run_sync(srv.authenticate, request.headers, "POST", request.url.path, body, "clinic")
         env = protocol.Envelope(**parse(EnvelopeBody, body).model_dump())
         accepted = await anyio.to_thread.run_sync(srv.receive_update, clinic, key, env)
         if accepted.status == "stored":

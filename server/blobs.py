@@ -5,9 +5,20 @@ temporary files of a process killed mid-write are removed when the store is next
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
-from edge_runtime.fsutil import sweep_temps, write_atomic
+from edge_runtime.fsutil import fsync_dir, sweep_temps, temp_path, write_atomic
+
+READ = 1 << 20
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(READ):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 class BlobStore:
@@ -29,6 +40,26 @@ class BlobStore:
         dest.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(dest, data, mode=0o600)  # temporary name, fsync, rename, fsync the folder
         return sha
+
+    def temp(self, name: str = "upload") -> Path:
+        """A temporary file name inside the store (same filesystem: put_file renames it into place);
+        swept when the store is next opened if its process died."""
+        return temp_path(self.root / name)
+
+    def put_file(self, path: Path) -> tuple[str, int]:
+        """Move a finished file (fsynced by its writer) into the store: (sha256, size), read once to
+        hash it. The file is gone afterwards either way."""
+        path = Path(path)
+        sha, size = file_sha256(path), path.stat().st_size
+        dest = self.path(sha)
+        if dest.exists():
+            path.unlink()
+            return sha, size
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(path, 0o600)
+        os.replace(path, dest)
+        fsync_dir(dest.parent)
+        return sha, size
 
     def get(self, sha: str) -> bytes:
         data = self.path(sha).read_bytes()

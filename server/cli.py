@@ -62,11 +62,13 @@ def init(home: Path | None, db_url: str | None, min_clients: int, round_seconds:
 @main.command()
 @home_option
 @db_option
-@click.option("--clinic", required=True, help="Clinic name the token enrolls.")
+@click.option("--clinic", required=True, help="Name the token enrolls (a clinic's or a hospital's).")
+@click.option("--tier", default="clinic", show_default=True, type=click.Choice(["clinic", "hospital"]),
+              help="clinic: sends head updates (edge-run enroll); hospital: trains the teacher (edge-export enroll).")
 @handle_errors
-def token(home: Path | None, db_url: str | None, clinic: str) -> None:
-    """Print a one-time enrollment token (carries the server key fingerprint)."""
-    click.echo(open_server(home, db_url).issue_token(clinic))
+def token(home: Path | None, db_url: str | None, clinic: str, tier: str) -> None:
+    """Print a one-time enrollment token (carries the tier and the server key fingerprint)."""
+    click.echo(open_server(home, db_url).issue_token(clinic, tier))
 
 
 @main.command()
@@ -106,6 +108,20 @@ def publish(home: Path | None, db_url: str | None, bundle: Path, trusted_key: Pa
     click.echo(f"published version {version}; round {rid} open")
 
 
+@main.command("publish-teacher")
+@home_option
+@db_option
+@click.argument("folder", type=click.Path(path_type=Path))
+@handle_errors
+def publish_teacher(home: Path | None, db_url: str | None, folder: Path) -> None:
+    """Start the teacher federation: FOLDER (from `edge-export teacher-init`) becomes the first global
+    teacher, signed with the server key; a teacher round opens on it."""
+    from .teacher import publish_teacher as publish
+
+    version, rid = publish(open_server(home, db_url), folder)
+    click.echo(f"published teacher version {version}; teacher round {rid} open")
+
+
 @main.command("rounds")
 @home_option
 @db_option
@@ -124,7 +140,7 @@ def rounds_cmd(home: Path | None, db_url: str | None, close_due: bool, as_json: 
         click.echo(json.dumps(report, indent=2, default=str))
         return
     for r in report:
-        click.echo(f"round {r['id']}  base v{r['base_version']}  {r['state']:<11} updates {r['n_updates']}/{r['min_clients']}"
+        click.echo(f"round {r['id']}  {r['federation']:<7}  base v{r['base_version']}  {r['state']:<11} updates {r['n_updates']}/{r['min_clients']}"
                    + (f"  -> v{r['result_version']}" if r["result_version"] else ""))
         rep = r.get("report") or {}
         if rep.get("error"):

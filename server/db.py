@@ -1,8 +1,13 @@
 """Server storage through SQLAlchemy Core: SQLite (WAL) by default, PostgreSQL by URL.
 
-Tables: clinics, tokens (one-time enrollment), nonces (replay guard), versions (published bundle
-manifests), rounds, updates (unique update_id; unique (clinic, round)), dropped_updates (taken out of
-a round before its aggregation: the clinic was revoked). A round is aggregated by the
+Tables: clinics (enrolled identities, each of one tier: ``clinic`` or ``hospital``), tokens (one-time
+enrollment, naming the tier), nonces (replay guard), versions (published manifests), rounds, updates
+(unique update_id; unique (clinic, round)), dropped_updates (taken out of a round before its
+aggregation: the clinic was revoked), uploads (a hospital's chunked teacher update being received).
+
+Two federations share the tables (DESIGN §10): ``head`` (the clinics' head) and ``teacher`` (the
+hospitals' whole teacher); versions and rounds carry their federation, their ids are one sequence
+over both, so an update names its round unambiguously. A round is aggregated by the
 one process whose ``UPDATE rounds SET state='aggregating' ... WHERE state='open'`` (or whose lease on
 a stale claim) changed the row: an atomic claim on both databases.
 """
@@ -35,6 +40,7 @@ clinics = Table(
     Column("public_key", String(64), nullable=False),  # raw Ed25519, hex
     Column("enrolled_at", Float, nullable=False),
     Column("revoked_at", Float, nullable=True),
+    Column("tier", String(16), nullable=False, server_default="clinic"),  # clinic | hospital (TIERS)
 )
 
 tokens = Table(
@@ -44,6 +50,7 @@ tokens = Table(
     Column("created_at", Float, nullable=False),
     Column("expires_at", Float, nullable=False),
     Column("used_at", Float, nullable=True),
+    Column("tier", String(16), nullable=False, server_default="clinic"),
 )
 
 nonces = Table(
@@ -60,6 +67,7 @@ versions = Table(
     Column("manifest_sha256", String(64), nullable=False),  # blob of the signed manifest.json
     Column("round", Integer, nullable=True),  # the round whose aggregation made it (None: published)
     Column("created_at", Float, nullable=False),
+    Column("federation", String(16), nullable=False, server_default="head"),  # head | teacher (FEDERATIONS)
 )
 
 rounds = Table(
@@ -76,6 +84,7 @@ rounds = Table(
     Column("closed_at", Float, nullable=True),
     Column("result_version", Integer, nullable=True),
     Column("report", JSON, nullable=True),
+    Column("federation", String(16), nullable=False, server_default="head"),
 )
 
 updates = Table(
@@ -105,6 +114,37 @@ dropped_updates = Table(
     Column("dropped_by", String(128), nullable=False),  # the operator (user@host) who revoked
     Column("dropped_at", Float, nullable=False),
 )
+
+
+# A hospital's teacher update while its chunks arrive (DESIGN §10): what it declared when it began,
+# and how much the server has acknowledged (received_chunks, received_bytes: the part file beyond
+# received_bytes, left by a crash between the write and this row's update, is cut off). On completion
+# the part file becomes a blob and an updates row; the upload row stays as the record ("complete").
+uploads = Table(
+    "uploads", metadata,
+    Column("upload_id", String(128), primary_key=True),  # = the update id
+    Column("clinic", String(64), ForeignKey("clinics.name"), nullable=False),
+    Column("round", Integer, ForeignKey("rounds.id"), nullable=False),  # the round it was trained for
+    Column("base_version", Integer, nullable=False),
+    Column("kem", String(32), nullable=False),
+    Column("stream_key", JSON, nullable=False),  # federation.sealed_stream.StreamKey.to_dict()
+    Column("meta", JSON, nullable=False),  # n, val_loss, modality_fraction, noise_multiplier
+    Column("total_size", BigInteger, nullable=False),  # declared ciphertext bytes
+    Column("chunk_size", Integer, nullable=False),
+    Column("received_chunks", Integer, nullable=False, default=0),
+    Column("received_bytes", BigInteger, nullable=False, default=0),
+    Column("state", String(16), nullable=False),  # receiving | complete
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)
+
+TIERS = ("clinic", "hospital")
+FEDERATIONS = {"head": "clinic", "teacher": "hospital"}  # federation -> the tier that trains it
+
+# Columns added after a table first shipped: create_all makes new tables but never alters old ones,
+# so upgrade() adds these where missing (the one migration this schema has needed; with more, Alembic).
+ADDED_COLUMNS = {("clinics", "tier"): "'clinic'", ("tokens", "tier"): "'clinic'", ("versions", "federation"): "'head'",
+                 ("rounds", "federation"): "'head'"}
 
 
 def make_engine(url: str) -> Engine:
@@ -137,6 +177,20 @@ def make_engine(url: str) -> Engine:
 
 def create_all(engine: Engine) -> None:
     metadata.create_all(engine)
+    upgrade(engine)
+
+
+def upgrade(engine: Engine) -> None:
+    """Add the columns of ADDED_COLUMNS that a database made by an older release lacks (with their
+    defaults, which is what every existing row was: a clinic, in the head federation)."""
+    from sqlalchemy import inspect, text
+
+    with engine.begin() as conn:
+        insp = inspect(conn)
+        have = {(t, c["name"]) for t in insp.get_table_names() for c in insp.get_columns(t)}
+        for (table, column), default in ADDED_COLUMNS.items():
+            if (table, column) not in have:
+                conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} VARCHAR(16) NOT NULL DEFAULT {default}"))
 
 
 def now() -> float:

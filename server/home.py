@@ -26,6 +26,8 @@ from edge_runtime.keys import (
 from edge_runtime.sync.hpke import HpkePrivate
 from federation.aggregation import DEFAULT_STRATEGY, build_strategy, settings_of
 
+from .db import FEDERATIONS
+
 HOME_ENV = "EDGE_SERVER_HOME"
 
 
@@ -72,6 +74,14 @@ class Config:
     body_min_rate: float = 16384.0  # bytes/s a body must arrive at, after body_grace_s; else 408
     body_grace_s: float = 30.0
     max_connections: int = 256  # beyond: 503 (uvicorn's limit_concurrency)
+    # the teacher federation (hospitals, DESIGN §10): its own round rules and rule; updates in chunks
+    teacher_min_clients: int = 3
+    teacher_round_seconds: float = 7 * 24 * 3600.0
+    teacher_max_staleness: int = 1
+    teacher_strategy: str = DEFAULT_STRATEGY
+    teacher_strategy_options: dict = field(default_factory=dict)
+    teacher_chunk_bytes: int = 8 * 2**20  # one chunk per request: at most max_body_bytes
+    teacher_max_bytes: int = 2**30  # no declared teacher update above this (the `full` teacher's is ~165 MB)
 
     @classmethod
     def from_dict(cls, doc: dict, where: str = "configuration") -> "Config":
@@ -96,25 +106,40 @@ class Config:
         ranges = {  # key: (low, high, low excluded)
             "max_n": (1, 10**9, False), "min_noise_multiplier": (0.0, 1e6, False), "max_update_abs": (0.0, 1e38, True),
             "update_clip_rms": (0.0, 1e38, True), "max_client_weight": (0.0, 1.0, True), "max_param_abs": (0.0, 1e38, True),
+            "min_clients": (1, 10**6, False), "teacher_min_clients": (1, 10**6, False), "max_staleness": (0, 1000, False),
+            "teacher_max_staleness": (0, 1000, False), "round_seconds": (0.0, 1e9, True), "teacher_round_seconds": (0.0, 1e9, True),
+            "teacher_chunk_bytes": (2**16, self.max_body_bytes, False), "teacher_max_bytes": (2**16, 2**40, False),
         }
         for key, (low, high, open_low) in ranges.items():
             value = getattr(self, key)
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and \
                 (value > low if open_low else value >= low) and value <= high
-            if not ok or (key == "max_n" and not isinstance(value, int)):
+            if not ok or (isinstance(getattr(type(self), key, None), int) and not isinstance(value, int)):
                 raise BadInput(f"{where}: {key} = {value!r} is out of range {'(' if open_low else '['}{low:g}, {high:g}]")
-        self._check_strategy(where)
+        for federation in FEDERATIONS:
+            self._check_strategy(where, federation)
 
-    def _check_strategy(self, where: str) -> None:
+    def rules(self, federation: str) -> Rules:
+        """The round rules and aggregation rule of one federation (``head`` or ``teacher``)."""
+        if federation not in FEDERATIONS:
+            raise BadInput(f"unknown federation {federation!r} (known: {', '.join(FEDERATIONS)})")
+        prefix = "" if federation == "head" else "teacher_"
+        return Rules(federation, *(getattr(self, prefix + k) for k in ("min_clients", "round_seconds", "max_staleness",
+                                                                      "strategy", "strategy_options")))
+
+    def _check_strategy(self, where: str, federation: str) -> None:
         """Only rules whose per-clinic influence bound holds (DESIGN §4), only settings in SERVER_OPTIONS,
         each in range; then the strategy is built once, so nothing else is refused later."""
-        if self.strategy not in SERVER_STRATEGIES:
-            raise BadInput(f"{where}: strategy = {self.strategy!r} is not one the server offers ({', '.join(SERVER_STRATEGIES)})")
-        for key, value in self.strategy_options.items():
+        rules = self.rules(federation)
+        key = "strategy" if federation == "head" else "teacher_strategy"
+        if rules.strategy not in SERVER_STRATEGIES:
+            raise BadInput(f"{where}: {key} = {rules.strategy!r} is not one the server offers ({', '.join(SERVER_STRATEGIES)})")
+        opt = "strategy_options" if federation == "head" else "teacher_strategy_options"
+        for key, value in rules.strategy_options.items():
             if key in OWNED:
-                raise BadInput(f"{where}: strategy_options.{key} is set by the key {OWNED[key]!r}, not here")
+                raise BadInput(f"{where}: {opt}.{key} is set by the key {OWNED[key]!r}, not here")
             if key not in SERVER_OPTIONS:
-                raise BadInput(f"{where}: strategy_options.{key} is not settable on the server (settable: {', '.join(SERVER_OPTIONS)})")
+                raise BadInput(f"{where}: {opt}.{key} is not settable on the server (settable: {', '.join(SERVER_OPTIONS)})")
             kind = SERVER_OPTIONS[key]
             if isinstance(kind, type):
                 ok = type(value) is kind
@@ -122,19 +147,30 @@ class Config:
                 low, high = kind
                 ok = isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
             if not ok:
-                raise BadInput(f"{where}: strategy_options.{key} = {value!r} must be "
+                raise BadInput(f"{where}: {opt}.{key} = {value!r} must be "
                                + (kind.__name__ if isinstance(kind, type) else f"a number in [{kind[0]:g}, {kind[1]:g}]"))
         try:
-            build_strategy(self.strategy, self.strategy_settings(max_clip=0.0))
+            build_strategy(rules.strategy, self.strategy_settings(max_clip=0.0, federation=federation))
         except BadInput as exc:
-            raise BadInput(f"{where}: strategy_options: {exc}") from None
+            raise BadInput(f"{where}: {opt}: {exc}") from None
 
-    def strategy_settings(self, *, max_clip: float) -> dict:
+    def strategy_settings(self, *, max_clip: float, federation: str = "head") -> dict:
         """The strategy's constructor settings: strategy_options, and the federation's own keys."""
-        settings = {**self.strategy_options, "max_weight": self.max_client_weight, "max_clip": max_clip}
-        if "beta" in settings_of(self.strategy):
+        rules = self.rules(federation)
+        settings = {**rules.strategy_options, "max_weight": self.max_client_weight, "max_clip": max_clip}
+        if "beta" in settings_of(rules.strategy):
             settings["beta"] = self.beta
         return settings
+
+
+@dataclass(frozen=True)
+class Rules:
+    federation: str
+    min_clients: int
+    round_seconds: float
+    max_staleness: int
+    strategy: str
+    strategy_options: dict
 
 
 def _same_kind(value, default) -> bool:

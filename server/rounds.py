@@ -24,6 +24,7 @@ import os
 import socket
 import time
 import uuid
+from dataclasses import dataclass
 
 import numpy as np
 from sqlalchemy import and_, or_, select, update
@@ -122,14 +123,15 @@ def save_state(srv: Server, state: dict[str, np.ndarray]) -> dict:
     return {"state_sha256": srv.blobs.put(buf.getvalue()), "state_entries": len(state)}
 
 
-def saved_state(srv: Server, version: int) -> dict[str, np.ndarray]:
-    """The state saved with ``version`` by the configured strategy; {} for the first version, or when
-    another strategy made it (a changed ``strategy`` starts afresh, logged)."""
+def saved_state(srv: Server, version: int, federation: str = "head") -> dict[str, np.ndarray]:
+    """The state saved with ``version`` by the federation's configured strategy; {} for the first
+    version, or when another strategy made it (a changed strategy starts afresh, logged)."""
+    strategy = srv.config.rules(federation).strategy
     with srv.engine.connect() as conn:
         report = conn.execute(select(db.rounds.c.report).where(db.rounds.c.result_version == version)).scalar()
     saved = (report or {}).get("strategy") or {}
-    if saved.get("name") not in (None, srv.config.strategy):
-        log.warning("version %d was made by strategy %r; %r starts without its state", version, saved["name"], srv.config.strategy)
+    if saved.get("name") not in (None, strategy):
+        log.warning("version %d was made by strategy %r; %r starts without its state", version, saved["name"], strategy)
         return {}
     if not saved.get("state_sha256"):
         return {}
@@ -141,42 +143,69 @@ def saved_state(srv: Server, version: int) -> dict[str, np.ndarray]:
         return {}
 
 
-def aggregate_round(srv: Server, round_id: int) -> int | None:
-    """Aggregate a claimed round and publish the result; returns the new version (None: lost the claim).
-    An update that cannot be opened is rejected with its reason (in the round's report)."""
-    with srv.engine.connect() as conn:
-        rnd = conn.execute(select(db.rounds).where(db.rounds.c.id == round_id)).one()
-        rows = conn.execute(counted(round_id)).all()
-    base = srv.manifest(rnd.base_version)
-    global_params = srv.head_params(rnd.base_version)
-    t0 = time.perf_counter()
-    strategy = srv.strategy_for(global_params, saved_state(srv, rnd.base_version))
-    result = strategy.aggregate(global_params, stored_updates(srv, rows), branch_of)
+@dataclass
+class Publication:
+    """A new version as a federation's aggregation makes it: manifest body, files, round report."""
+    body: dict
+    files: dict
+    report: dict
+
+
+class Unpublishable(Exception):
+    """The round's aggregate may not be published (no usable update, not finite, too large)."""
+
+
+def aggregation_report(srv: Server, result, strategy) -> dict:
+    """What both federations record about an aggregation (weights, clipping, the strategy's state)."""
     for clinic, reason in result.rejected:
-        log.warning("update rejected at aggregation: %s", reason, extra={"clinic": clinic, "round": round_id})
+        log.warning("update rejected at aggregation: %s", reason, extra={"clinic": clinic})
     bad = unpublishable(result.params, srv.config.max_param_abs)
     if not result.accepted:
         bad = "no usable update: " + "; ".join(f"{c}: {r}" for c, r in result.rejected)[:500]
     if bad:  # checked before anything is published: the round fails with the reason, the model stays
-        reason = f"aggregated model refused before publication: {bad}"
-        log.error("round %d: %s", round_id, reason, extra={"round": round_id})
-        fail_round(srv, round_id, reason)
-        return None
-    head_npz = params_bytes(result.params)
-    report = {"accepted": result.accepted, "rejected": [list(x) for x in result.rejected], "weights": result.weights,
-              "clip_bound": round(result.clip_bound, 6), "clip_ceiling": round(strategy.max_clip, 6),
-              "max_weight": strategy.max_weight, "norms": {k: round(v, 6) for k, v in result.norms.items()},
-              "seconds": round(time.perf_counter() - t0, 3), "aggregated_by": WORKER_ID,
-              "strategy": {"name": strategy.name, **save_state(srv, strategy.state_dict())}}
+        raise Unpublishable(f"aggregated model refused before publication: {bad}")
+    return {"accepted": result.accepted, "rejected": [list(x) for x in result.rejected], "weights": result.weights,
+            "clip_bound": round(result.clip_bound, 6), "clip_ceiling": round(strategy.max_clip, 6),
+            "max_weight": strategy.max_weight, "norms": {k: round(v, 6) for k, v in result.norms.items()},
+            "strategy": {"name": strategy.name, **save_state(srv, strategy.state_dict())}}
+
+
+def head_version(srv: Server, rnd, rows) -> Publication:
+    """The head federation's new version: the aggregated head.npz in a copy of the base bundle."""
+    base = srv.manifest(rnd.base_version)
+    global_params = srv.head_params(rnd.base_version)
+    strategy = srv.strategy_for(global_params, saved_state(srv, rnd.base_version))
+    result = strategy.aggregate(global_params, stored_updates(srv, rows), branch_of)
+    report = aggregation_report(srv, result, strategy)
     weights_name = base["head"]["weights"]
     files = {name: srv.blobs.get(meta["sha256"]) for name, meta in base["files"].items() if name != weights_name}
-    files[weights_name] = head_npz
+    files[weights_name] = params_bytes(result.params)
     root_version = str(base.get("federation", {}).get("root_model_version", base["model_version"]))
     body = {k: v for k, v in base.items() if k not in ("signature", "files", "server_version")}
     body["head"] = {**base["head"], "runtime": "numpy"}  # head.npz is the global model; head.onnx is the first version's
-    body["model_version"] = f"{root_version}+fl.r{round_id}"
-    body["federation"] = {"root_model_version": root_version, "round": round_id, "base_version": rnd.base_version,
+    body["model_version"] = f"{root_version}+fl.r{rnd.id}"
+    body["federation"] = {"root_model_version": root_version, "round": rnd.id, "base_version": rnd.base_version,
                           "clients": result.accepted, "weights": result.weights.get("shared", {})}
+    return Publication(body, files, report)
+
+
+def aggregate_round(srv: Server, round_id: int) -> int | None:
+    """Aggregate a claimed round of either federation and publish the result; returns the new version
+    (None: lost the claim, or the round failed). An update that cannot be opened is rejected with its
+    reason (in the round's report)."""
+    from .teacher import teacher_version  # the teacher federation's files (safetensors, streamed updates)
+
+    with srv.engine.connect() as conn:
+        rnd = conn.execute(select(db.rounds).where(db.rounds.c.id == round_id)).one()
+        rows = conn.execute(counted(round_id)).all()
+    t0 = time.perf_counter()
+    try:
+        made = (teacher_version if rnd.federation == "teacher" else head_version)(srv, rnd, rows)
+    except Unpublishable as exc:
+        log.error("round %d: %s", round_id, exc, extra={"round": round_id})
+        fail_round(srv, round_id, str(exc))
+        return None
+    report = {**made.report, "seconds": round(time.perf_counter() - t0, 3), "aggregated_by": WORKER_ID}
     try:
         with srv.engine.begin() as conn:
             n = conn.execute(update(db.rounds).where(db.rounds.c.id == round_id, db.rounds.c.state == "aggregating",
@@ -186,9 +215,9 @@ def aggregate_round(srv: Server, round_id: int) -> int | None:
                 raise _LostClaim
             if set(conn.execute(counted(round_id).with_only_columns(db.updates.c.update_id)).scalars()) != {row.update_id for row in rows}:
                 raise _Recount  # an update was dropped meanwhile (Server.revoke): publish nothing that counts it
-            version = srv.publish_manifest(body, files, round_id, conn)
+            version = srv.publish_manifest(made.body, made.files, round_id, conn, federation=rnd.federation)
             conn.execute(update(db.rounds).where(db.rounds.c.id == round_id).values(result_version=version))
-            srv.open_round(conn, version)
+            srv.open_round(conn, version, rnd.federation)
     except _LostClaim:
         log.warning("lost the claim on the round to another process", extra={"round": round_id})
         return None
@@ -200,8 +229,8 @@ def aggregate_round(srv: Server, round_id: int) -> int | None:
         log.warning("round %d: an update was dropped while it was being aggregated (clinic revoked); it will be aggregated again",
                     round_id)
         return None
-    log.info("aggregated %d update(s) into version %d (%d rejected, %.2f s)", len(result.accepted), version,
-             len(result.rejected), report["seconds"], extra={"round": round_id})
+    log.info("aggregated %d %s update(s) into version %d (%d rejected, %.2f s)", len(report["accepted"]), rnd.federation, version,
+             len(report["rejected"]), report["seconds"], extra={"round": round_id})
     return version
 
 
@@ -222,7 +251,7 @@ def fail_round(srv: Server, round_id: int, reason: str) -> None:
                                                  db.rounds.c.claimed_by == WORKER_ID)
                          .values(state="failed", closed_at=db.now(), report={"error": reason, "aggregated_by": WORKER_ID})).rowcount
         if n == 1:
-            srv.open_round(conn, rnd.base_version)
+            srv.open_round(conn, rnd.base_version, rnd.federation)
 
 
 def tick(srv: Server) -> list[int]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from sqlalchemy import insert, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from edge_runtime.bundle import load_bundle, sign_manifest
@@ -52,6 +52,13 @@ class Revoked:
     dropped: dict[int, list[str]]  # round id -> ids of the updates taken out of it
 
 
+@dataclass(frozen=True)
+class StoredBlob:
+    """A file already in the blob store (a large one, written there as it was made)."""
+    sha256: str
+    size: int
+
+
 @dataclass
 class Accepted:
     status: str  # "stored" | "already have it"
@@ -80,13 +87,16 @@ class Server:
         self.bounds = codec.Bounds(max_n=self.config.max_n, min_noise_multiplier=self.config.min_noise_multiplier,
                                    max_abs=self.config.max_update_abs)
 
-    def strategy_for(self, head: dict[str, np.ndarray], state: dict[str, np.ndarray] | None = None) -> Strategy:
+    def strategy_for(self, head: dict[str, np.ndarray], state: dict[str, np.ndarray] | None = None,
+                     federation: str = "head") -> Strategy:
         """A fresh strategy for a round on ``head``, as config.json says (checked at start by
         Config.check), with the fixed clip ceiling C_max = update_clip_rms x sqrt(parameters), an RMS
         change per parameter that no update can raise; ``state`` is what the strategy kept when it
         made the round's base version (rounds.saved_state)."""
         size = sum(int(v.size) for v in head.values())
-        strategy = build_strategy(self.config.strategy, self.config.strategy_settings(max_clip=self.config.update_clip_rms * math.sqrt(size)))
+        rules = self.config.rules(federation)
+        strategy = build_strategy(rules.strategy, self.config.strategy_settings(max_clip=self.config.update_clip_rms * math.sqrt(size),
+                                                                                federation=federation))
         try:
             strategy.load_state_dict(state or {})
         except BadInput as exc:  # e.g. written by another version of the rule: go on without it, say so
@@ -95,15 +105,19 @@ class Server:
 
     # ------------------------------------------------------------ enrollment
 
-    def issue_token(self, clinic: str) -> str:
+    def issue_token(self, clinic: str, tier: str = "clinic") -> str:
+        """A one-time token enrolling ``clinic`` in ``tier`` (clinic: head updates; hospital: teacher
+        updates). The token names the tier for the client; the server's record of it is what counts."""
         if not protocol.NAME_RE.match(clinic):
             raise BadInput(f"clinic name {clinic!r} must be 1-64 letters, digits, '.', '_' or '-'")
+        if tier not in db.TIERS:
+            raise BadInput(f"unknown tier {tier!r} (known: {', '.join(db.TIERS)})")
         secret = secrets.token_urlsafe(32)
         t = db.now()
         with self.engine.begin() as conn:
             conn.execute(insert(db.tokens).values(secret_hash=protocol.token_hash(secret), clinic=clinic, created_at=t,
-                                                  expires_at=t + self.config.token_hours * 3600))
-        return protocol.make_token(clinic, secret, self.key_id)
+                                                  expires_at=t + self.config.token_hours * 3600, tier=tier))
+        return protocol.make_token(clinic, secret, self.key_id, tier)
 
     def server_identity(self) -> dict:
         hpke_pub = self.hpke_public.to_dict()
@@ -115,7 +129,7 @@ class Server:
 
     def enroll(self, headers, method: str, path: str, body: bytes, token: str, public_key_b64: str) -> dict:
         try:
-            clinic, secret, fpr = protocol.parse_token(token)
+            clinic, secret, fpr = protocol.parse_token(token)[:3]
             pub = Ed25519PublicKey.from_public_bytes(base64.b64decode(public_key_b64, validate=True))
         except (BadInput, ValueError) as exc:
             raise Refusal(400, f"enrollment refused: {exc}") from exc
@@ -134,16 +148,19 @@ class Server:
                                                      db.tokens.c.expires_at > t).values(used_at=t)).rowcount
             if n != 1:
                 raise Refusal(401, "enrollment refused: unknown, expired or already used token")
+            tier = conn.execute(select(db.tokens.c.tier).where(db.tokens.c.secret_hash == protocol.token_hash(secret))).scalar_one()
             row = conn.execute(select(db.clinics).where(db.clinics.c.name == clinic)).first()
             if row is not None and row.revoked_at is not None:
                 raise Refusal(403, f"enrollment refused: clinic {clinic!r} is revoked")
-            values = {"public_key": raw_public(pub).hex(), "enrolled_at": t}
+            if row is not None and row.tier != tier:  # a name keeps its tier: its past updates are of that kind
+                raise Refusal(409, f"enrollment refused: {clinic!r} is enrolled as a {row.tier}, the token is for a {tier}")
+            values = {"public_key": raw_public(pub).hex(), "enrolled_at": t, "tier": tier}
             if row is None:
                 conn.execute(insert(db.clinics).values(name=clinic, **values))
             else:  # re-enrollment with a fresh token: a new clinic key replaces the old one
                 conn.execute(update(db.clinics).where(db.clinics.c.name == clinic).values(**values))
             self._remember_nonce(conn, clinic, nonce, ts)
-        return {"clinic": clinic, **self.server_identity()}
+        return {"clinic": clinic, "tier": tier, **self.server_identity()}
 
     def revoke(self, clinic: str, *, by: str = "operator") -> Revoked | None:
         """Revoke a clinic and, in the same transaction, take its updates out of every round not yet
@@ -190,7 +207,10 @@ class Server:
             raise Refusal(403, f"clinic {clinic!r} is revoked")
         return clinic
 
-    def authenticate(self, headers, method: str, path: str, body: bytes) -> tuple[str, Ed25519PublicKey]:
+    def authenticate(self, headers, method: str, path: str, body: bytes, tier: str | None = None) -> tuple[str, Ed25519PublicKey]:
+        """The signer of a request (signature, freshness, nonce, not revoked); with ``tier``, refused
+        (403) unless the signer is enrolled in that tier: a clinic cannot send teacher updates, nor a
+        hospital head updates."""
         clinic = headers.get(protocol.H_CLINIC)
         if not clinic:
             raise Refusal(401, "request is not signed (no X-DWFL-Clinic header)")
@@ -207,7 +227,13 @@ class Server:
             raise Refusal(403, f"clinic {clinic!r} is revoked")
         with self.engine.begin() as conn:
             self._remember_nonce(conn, clinic, nonce, ts)
+        if tier is not None and row.tier != tier:
+            raise Refusal(403, f"{clinic!r} is enrolled as a {row.tier}; this is for {tier}s")
         return clinic, pub
+
+    def tier_of(self, clinic: str) -> str | None:
+        with self.engine.connect() as conn:
+            return conn.execute(select(db.clinics.c.tier).where(db.clinics.c.name == clinic)).scalar()
 
     def _remember_nonce(self, conn, clinic: str, nonce: str, ts: int) -> None:
         try:
@@ -223,21 +249,25 @@ class Server:
 
     # ------------------------------------------------------------ versions and rounds
 
-    def latest_version(self, conn=None) -> dict | None:
+    def latest_version(self, conn=None, federation: str = "head") -> dict | None:
         def q(c):
-            row = c.execute(select(db.versions).order_by(db.versions.c.version.desc()).limit(1)).first()
+            row = c.execute(select(db.versions).where(db.versions.c.federation == federation)
+                            .order_by(db.versions.c.version.desc()).limit(1)).first()
             return dict(row._mapping) if row else None
         if conn is not None:
             return q(conn)
         with self.engine.connect() as c:
             return q(c)
 
-    def manifest(self, version: int) -> dict:
+    def version_row(self, version: int):
         with self.engine.connect() as conn:
             row = conn.execute(select(db.versions).where(db.versions.c.version == version)).first()
         if row is None:
             raise Refusal(404, f"no model version {version}")
-        return json.loads(self.blobs.get(row.manifest_sha256))
+        return row
+
+    def manifest(self, version: int) -> dict:
+        return json.loads(self.blobs.get(self.version_row(version).manifest_sha256))
 
     def head_params(self, version: int) -> dict[str, np.ndarray]:
         if version not in self._heads:
@@ -248,43 +278,52 @@ class Server:
                 self._heads.pop(min(self._heads), None)
         return self._heads[version]
 
-    def current_round(self, conn=None) -> dict | None:
+    def current_round(self, conn=None, federation: str = "head") -> dict | None:
         def q(c):
-            row = c.execute(select(db.rounds).order_by(db.rounds.c.id.desc()).limit(1)).first()
+            row = c.execute(select(db.rounds).where(db.rounds.c.federation == federation)
+                            .order_by(db.rounds.c.id.desc()).limit(1)).first()
             return dict(row._mapping) if row else None
         if conn is not None:
             return q(conn)
         with self.engine.connect() as c:
             return q(c)
 
-    def status(self) -> dict:
-        v, r = self.latest_version(), self.current_round()
+    def status(self, federation: str = "head") -> dict:
+        v, r = self.latest_version(federation=federation), self.current_round(federation=federation)
         if v is None:
-            raise Refusal(404, "no model published yet (edge-server publish BUNDLE)")
-        return {"version": v["version"], "model_version": v["model_version"],
-                "round": None if r is None else {k: r[k] for k in ("id", "base_version", "state", "deadline", "min_clients", "n_updates")}}
+            how = "edge-server publish BUNDLE" if federation == "head" else "edge-server publish-teacher FOLDER"
+            raise Refusal(404, f"no {federation} model published yet ({how})")
+        out = {"federation": federation, "version": v["version"], "model_version": v["model_version"],
+               "round": None if r is None else {k: r[k] for k in ("id", "base_version", "state", "deadline", "min_clients", "n_updates")}}
+        if r is not None:  # the round's place in its federation (1, 2, ...): ids are shared by both federations
+            with self.engine.connect() as conn:
+                out["round"]["number"] = conn.execute(select(func.count()).select_from(db.rounds).where(
+                    db.rounds.c.federation == federation, db.rounds.c.id <= r["id"])).scalar_one()
+        return out
 
-    def publish_manifest(self, body: dict, files: dict[str, bytes], round_id: int | None, conn) -> int:
-        """Store files as blobs and a manifest signed by the server key as the next version."""
+    def publish_manifest(self, body: dict, files: dict[str, bytes | StoredBlob], round_id: int | None, conn,
+                         federation: str = "head") -> int:
+        """Store files as blobs (a StoredBlob: already one) and a manifest signed by the server key as
+        the next version (one sequence over both federations)."""
         listing = {}
         for name, data in sorted(files.items()):
-            listing[name] = {"sha256": self.blobs.put(data), "size": len(data)}
-        latest = self.latest_version(conn)
-        version = (latest["version"] if latest else 0) + 1
+            listing[name] = ({"sha256": data.sha256, "size": data.size} if isinstance(data, StoredBlob)
+                             else {"sha256": self.blobs.put(data), "size": len(data)})
+        version = (conn.execute(select(func.max(db.versions.c.version))).scalar() or 0) + 1
         manifest = sign_manifest({**body, "files": listing, "server_version": version}, self.signing_key)
         data = json.dumps(manifest, indent=2, sort_keys=True).encode()
         sha = self.blobs.put(data)
         conn.execute(insert(db.versions).values(version=version, model_version=manifest["model_version"], manifest_sha256=sha,
-                                                round=round_id, created_at=db.now()))
+                                                round=round_id, created_at=db.now(), federation=federation))
         return version
 
-    def open_round(self, conn, base_version: int) -> int:
-        cur = self.current_round(conn)
-        rid = (cur["id"] if cur else 0) + 1
+    def open_round(self, conn, base_version: int, federation: str = "head") -> int:
+        rid = (conn.execute(select(func.max(db.rounds.c.id))).scalar() or 0) + 1
+        rules = self.config.rules(federation)
         t = db.now()
         conn.execute(insert(db.rounds).values(id=rid, base_version=base_version, state="open", opened_at=t,
-                                              deadline=t + self.config.round_seconds, min_clients=self.config.min_clients,
-                                              n_updates=0))
+                                              deadline=t + rules.round_seconds, min_clients=rules.min_clients,
+                                              n_updates=0, federation=federation))
         return rid
 
     def publish_bundle(self, bundle_dir: Path, trusted_key: Ed25519PublicKey) -> tuple[int, int]:
@@ -297,7 +336,7 @@ class Server:
         files = {name: bundle.path(name).read_bytes() for name in bundle.manifest["files"]}
         with self.engine.begin() as conn:
             version = self.publish_manifest(body, files, None, conn)
-            conn.execute(update(db.rounds).where(db.rounds.c.state == "open").values(state="closed", closed_at=db.now(),
+            conn.execute(update(db.rounds).where(db.rounds.c.state == "open", db.rounds.c.federation == "head").values(state="closed", closed_at=db.now(),
                                                                                     report={"superseded_by": version}))
             rid = self.open_round(conn, version)
         return version, rid
@@ -322,8 +361,8 @@ class Server:
             if dup.clinic != clinic:
                 raise Refusal(409, "update id already used by another clinic")
             return Accepted("already have it", env.update_id, dup.round, dup.staleness)
-        if sent is None or cur is None:
-            raise Refusal(404, f"unknown round {env.round}")
+        if sent is None or cur is None or sent.federation != "head":
+            raise Refusal(404, f"unknown round {env.round} (of the head federation)")
         if sent.base_version != env.base_version:
             raise Refusal(409, f"round {env.round} is based on version {sent.base_version}, not {env.base_version}")
         if cur["state"] != "open":

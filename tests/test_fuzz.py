@@ -163,10 +163,10 @@ def test_fuzz_enrollment_token(text):
     from edge_runtime.sync.protocol import parse_token
 
     try:
-        clinic, secret, fpr = parse_token(text)
+        clinic, secret, fpr, tier = parse_token(text)
     except BadInput:
         return
-    assert clinic and len(secret) >= 20 and len(fpr) == 64
+    assert clinic and len(secret) >= 20 and len(fpr) == 64 and tier in ("clinic", "hospital")
 
 
 @SETTINGS

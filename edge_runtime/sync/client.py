@@ -230,13 +230,19 @@ def reason(resp: httpx.Response) -> str:
         return resp.text[:300]
 
 
-def enroll(state: ClinicState | Path, url: str, token: str, kem: str = DEFAULT_KEM, timeout: float = 30.0) -> dict:
+def enroll(state: ClinicState | Path, url: str, token: str, kem: str = DEFAULT_KEM, timeout: float = 30.0,
+           tier: str = "clinic") -> dict:
     """Register a fresh clinic key with the token; pin the server key the token names. The enrolled
-    name becomes the clinic's one id (refused before the token is spent when it cannot)."""
+    name becomes the clinic's one id (refused before the token is spent when it cannot). A hospital
+    (``edge-export enroll``) enrolls the same way with ``tier="hospital"``; a token of the other tier
+    is refused here, before it is spent."""
     if kem not in KEMS:
         raise BadInput(f"unknown KEM {kem!r}: choose one of {', '.join(KEMS)}")
     state = as_state(state)
-    clinic, _, fpr = protocol.parse_token(token)
+    clinic, _, fpr, token_tier = protocol.parse_token(token)
+    if token_tier != tier:
+        how = "`edge-export enroll` (the hospital client)" if token_tier == "hospital" else "`edge-run enroll` (the clinic client)"
+        raise BadInput(f"this token enrolls a {token_tier}, not a {tier}: use {how}")
     state.check_enrollment(clinic)
     sync_dir = state.sync_dir
     sync_dir.mkdir(parents=True, exist_ok=True)
@@ -266,7 +272,7 @@ def enroll(state: ClinicState | Path, url: str, token: str, kem: str = DEFAULT_K
     cfg = SyncConfig(url=url.rstrip("/"), clinic=clinic, server_key_id=fpr, hpke_public=hpke_pub.to_dict(), kem=kem)
     write_atomic(state.server_config_file, json.dumps(cfg.__dict__, indent=2).encode(), mode=0o600)
     state.adopt_enrolled_name(clinic)
-    return {"clinic": clinic, "server_key_id": fpr, "kem": kem, "state": str(sync_dir)}
+    return {"clinic": clinic, "tier": tier, "server_key_id": fpr, "kem": kem, "state": str(sync_dir)}
 
 
 def contributed(state: ClinicState | Path, round_id: int) -> str | None:

@@ -101,19 +101,23 @@ def check_request(headers, method: str, path: str, body: bytes, public_key: Ed25
 # ------------------------------------------------------------------ enrollment tokens
 
 
-def make_token(clinic: str, secret: str, server_key_id: str) -> str:
-    return f"{TOKEN_PREFIX}.{clinic}.{secret}.{server_key_id}"
+TIER_PREFIX = {"clinic": TOKEN_PREFIX, "hospital": TOKEN_PREFIX + "-hospital"}  # the token names its tier
 
 
-def parse_token(token: str) -> tuple[str, str, str]:
-    """(clinic, secret, server key fingerprint)."""
+def make_token(clinic: str, secret: str, server_key_id: str, tier: str = "clinic") -> str:
+    return f"{TIER_PREFIX[tier]}.{clinic}.{secret}.{server_key_id}"
+
+
+def parse_token(token: str) -> tuple[str, str, str, str]:
+    """(clinic, secret, server key fingerprint, tier)."""
     parts = token.strip().split(".")
-    if len(parts) < 4 or parts[0] != TOKEN_PREFIX:
+    tiers = {prefix: tier for tier, prefix in TIER_PREFIX.items()}
+    if len(parts) < 4 or parts[0] not in tiers:
         raise BadInput("enrollment token is malformed (expected dwfl1.CLINIC.SECRET.FINGERPRINT)")
     fpr, secret, clinic = parts[-1], parts[-2], ".".join(parts[1:-2])
     if not NAME_RE.match(clinic) or not re.fullmatch(r"[0-9a-f]{64}", fpr) or not re.fullmatch(r"[A-Za-z0-9_-]{20,}", secret):
         raise BadInput("enrollment token is malformed")
-    return clinic, secret, fpr
+    return clinic, secret, fpr, tiers[parts[0]]
 
 
 def token_hash(secret: str) -> str:
