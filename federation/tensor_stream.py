@@ -30,14 +30,26 @@ HEADER_PER_TENSOR = 160  # '"NAME":{"dtype":"F32","shape":[...],"data_offsets":[
 
 
 def _read_exact(stream: BinaryIO, n: int, where: str, what: str) -> bytes:
-    parts, left = [], n
-    while left:
-        chunk = stream.read(min(left, READ))
-        if not chunk:
-            raise BadInput(f"{where}: update ends inside {what} ({n - left} of {n} bytes)")
-        parts.append(chunk)
-        left -= len(chunk)
-    return b"".join(parts)
+    buf = bytearray(n)
+    _fill(stream, memoryview(buf), where, what)
+    return bytes(buf)
+
+
+def _fill(stream: BinaryIO, view: memoryview, where: str, what: str, done: int = 0, total: int | None = None) -> None:
+    """Fill ``view`` from the stream, READ bytes at a time, without an intermediate copy."""
+    total = len(view) if total is None else total
+    got = 0
+    while got < len(view):
+        n = stream.readinto(view[got:got + READ]) if hasattr(stream, "readinto") else _read_to(stream, view[got:got + READ])
+        if not n:
+            raise BadInput(f"{where}: update ends inside {what} ({done + got} of {total} bytes)")
+        got += n
+
+
+def _read_to(stream: BinaryIO, view: memoryview) -> int:
+    data = stream.read(len(view))
+    view[:len(data)] = data
+    return len(data)
 
 
 def read_header(stream: BinaryIO, expected: Mapping[str, tuple[int, ...]] | None, where: str) -> list[tuple[str, tuple[int, ...], int]]:
@@ -94,7 +106,8 @@ def iter_tensors(stream: BinaryIO, expected: Mapping[str, tuple[int, ...]] | Non
     """(name, float32 array) one tensor at a time, in stream order; the stream must end after the
     last one. Memory: the largest tensor, never the update."""
     for name, shape, length in read_header(stream, expected, where):
-        array = np.frombuffer(_read_exact(stream, length, where, f"tensor {name!r}"), dtype=DTYPES["F32"]).reshape(shape)
+        array = np.empty(shape, dtype=DTYPES["F32"])
+        _fill(stream, memoryview(array.reshape(-1)).cast("B"), where, f"tensor {name!r}")
         if not np.all(np.isfinite(array)):
             raise BadInput(f"{where}: tensor {name!r} has non-finite values")
         yield name, array
@@ -119,5 +132,22 @@ def write_tensors(sink: BinaryIO, params: Mapping[str, np.ndarray]) -> int:
 
 
 def stream_norm(stream: BinaryIO, expected: Mapping[str, tuple[int, ...]], where: str = "update") -> float:
-    """The update's L2 norm (float64 sum, as ``l2_norm``), every check above made on the way."""
-    return float(np.sqrt(sum(float(np.sum(np.square(a, dtype=np.float64))) for _, a in iter_tensors(stream, expected, where))))
+    """The update's L2 norm (float64 sums of squares per tensor, as ``l2_norm``), every check of
+    iter_tensors made on the way, READ bytes at a time: memory is one block, not one tensor (the
+    server measures several arriving updates at once)."""
+    block = np.empty(READ // 4, dtype=DTYPES["F32"])
+    total = 0.0
+    for name, _shape, length in read_header(stream, expected, where):
+        squares, done = 0.0, 0
+        while done < length:
+            part = block[: min(READ, length - done) // 4]
+            _fill(stream, memoryview(part).cast("B"), where, f"tensor {name!r}", done, length)
+            if not np.all(np.isfinite(part)):
+                raise BadInput(f"{where}: tensor {name!r} has non-finite values")
+            wide = part.astype(np.float64)
+            squares += float(np.dot(wide, wide))
+            done += part.nbytes
+        total += squares
+    if stream.read(1):
+        raise BadInput(f"{where}: bytes after the last tensor")
+    return float(np.sqrt(total))
