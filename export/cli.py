@@ -133,12 +133,16 @@ def _report(result, out: Path, as_json: bool) -> None:
 @_device_options
 @click.option("--init-checkpoint", type=click.Path(path_type=Path), default=None,
               help="Local pretrained teacher weights (matching tensors are loaded; nothing is downloaded).")
+@click.option("--teacher-state", type=click.Path(path_type=Path), default=None,
+              help="A hospital's state folder (edge-export enroll): distill the teacher the hospitals trained over the network "
+                   "(the federation's latest version, pulled and verified, with this hospital's own normalisation layers) "
+                   "instead of training one here.")
 @_recipe_options
 @_json_option
 @handle_errors
 def pipeline(out: Path, config_name: str, seed: int, signing_key: Path | None, model_version: str, threads: int,
              device: str, init_checkpoint: Path | None, mem_budget: str, latency_budget: str, tolerance: float,
-             variants: str | None, as_json: bool) -> None:
+             variants: str | None, as_json: bool, teacher_state: Path | None = None) -> None:
     """Every stage in order: train-teacher (federated) -> distill -> export (ONNX) -> quantize (INT8
     candidates, measured here with --threads) -> bundle (signed), over OUT/work. Exit 1 when no
     candidate meets accuracy and both budgets (the best one is still written, and the report says
@@ -148,10 +152,19 @@ def pipeline(out: Path, config_name: str, seed: int, signing_key: Path | None, m
     from .pipeline import run_pipeline
 
     recipe = _recipe(mem_budget, latency_budget, tolerance, variants, threads)
+    if teacher_state is not None and init_checkpoint is not None:
+        raise BadInput("--teacher-state and --init-checkpoint both choose the teacher: give one")
+    network = None
+    if teacher_state is not None:
+        from .hospital import Hospital
+
+        version, folder, norms = Hospital(teacher_state).latest()
+        network = (folder, norms)
+        _log(as_json)(f"teacher: federation version {version} from {teacher_state}")
     torch.set_num_threads(threads)
     result = run_pipeline(out, get_config(config_name), seed=seed, signing_key=signing_key, model_version=model_version,
                           log=_log(as_json), device=check_device(device), init_checkpoint=init_checkpoint, budgets=recipe.budgets,
-                          tolerance=recipe.tolerance, threads=threads, variants=recipe.variants)
+                          tolerance=recipe.tolerance, threads=threads, variants=recipe.variants, network_teacher=network)
     _report(result, out, as_json)
 
 

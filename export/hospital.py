@@ -121,27 +121,20 @@ class Hospital:
         """The global teacher of ``folder`` as this hospital runs it (its own normalisation layers
         from its latest round before ``round_number``, else --init-checkpoint's, else the federation's
         first ones), and the global shared parameters (what the delta is taken against)."""
-        spec = fmt.TeacherSpec.from_dict(json.loads((folder / fmt.SPEC).read_text()), str(folder / fmt.SPEC))
-        try:
-            cfg = replace(get_config(spec.config), train=TrainConfig(**spec.train))
-        except TypeError as exc:
-            raise BundleError(f"{folder / fmt.SPEC}: training settings this release does not know ({exc})") from None
-        torch.manual_seed(spec.seed)  # as the first global teacher was made: its non-shared buffers alike
-        model = Teacher(cfg.model, cfg.input.n_genes, len(cfg.classes), cfg.train.contrastive_temperature)
-        shared = load_file(str(folder / fmt.WEIGHTS))
-        own = model.state_dict()
-        bad = sorted(k for k, v in shared.items() if k not in own or own[k].shape != v.shape)
-        if bad:
-            raise BundleError(f"{folder / fmt.WEIGHTS}: tensors that the {spec.config!r} teacher does not have: {bad[:3]}")
-        model.load_state_dict(shared, strict=False)
-        if spec.local_norm:
-            norms = self._own_norms(round_number)
-            if norms is None and init_checkpoint is not None:
-                norms = _checkpoint_norms(init_checkpoint, model)
-            if norms is None:
-                norms = load_file(str(folder / fmt.LOCAL_INIT))
-            model.load_state_dict(norms, strict=False)
-        return model.to(device), spec, cfg, {k: v.numpy() for k, v in shared.items()}
+        norms = self._own_norms(round_number)
+        if norms is None and init_checkpoint is not None:
+            spec = read_spec(folder)
+            probe = Teacher(*_teacher_args(spec_config(spec, folder)))
+            norms = _checkpoint_norms(init_checkpoint, probe)
+        return global_teacher(folder, norms, device)
+
+    def latest(self) -> tuple[int, Path, Path | None]:
+        """The federation's latest teacher version (pulled and verified) and this hospital's newest
+        normalisation layers: what `edge-export pipeline --teacher-state` distills from."""
+        doc = self._json("GET", "/v1/teacher", b"", "teacher federation")
+        folder = self.pull(int(doc["version"]))
+        own = sorted((int(p.stem[1:]), p) for p in (self.root / "norms").glob("r*.safetensors") if p.stem[1:].isdigit())
+        return int(doc["version"]), folder, (own[-1][1] if own else None)
 
     def _own_norms(self, round_number: int) -> dict[str, torch.Tensor] | None:
         earlier = sorted((int(p.stem[1:]), p) for p in (self.root / "norms").glob("r*.safetensors") if p.stem[1:].isdigit())
@@ -228,6 +221,44 @@ class Hospital:
         if resp.status_code != 200:
             raise Refused(f"{what}: server refused (HTTP {resp.status_code}): {reason(resp)}")
         return resp.json()
+
+
+def read_spec(folder: Path) -> fmt.TeacherSpec:
+    try:
+        return fmt.TeacherSpec.from_dict(json.loads((folder / fmt.SPEC).read_text()), str(folder / fmt.SPEC))
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"{folder / fmt.SPEC}: unreadable teacher specification ({exc})") from None
+
+
+def spec_config(spec: fmt.TeacherSpec, folder: Path) -> PipelineConfig:
+    try:
+        return replace(get_config(spec.config), train=TrainConfig(**spec.train))
+    except (TypeError, BadInput) as exc:
+        raise BundleError(f"{folder / fmt.SPEC}: a configuration this release does not know ({exc})") from None
+
+
+def _teacher_args(cfg: PipelineConfig) -> tuple:
+    return cfg.model, cfg.input.n_genes, len(cfg.classes), cfg.train.contrastive_temperature
+
+
+def global_teacher(folder: Path, norms: dict[str, torch.Tensor] | None, device: str = "cpu"
+                   ) -> tuple[Teacher, fmt.TeacherSpec, PipelineConfig, dict[str, np.ndarray]]:
+    """The teacher of a version folder: built as the first global teacher was (same seed: its
+    non-shared buffers alike), the shared parameters loaded, then ``norms`` (a hospital's own
+    normalisation layers; None: the federation's first ones)."""
+    spec = read_spec(folder)
+    cfg = spec_config(spec, folder)
+    torch.manual_seed(spec.seed)
+    model = Teacher(*_teacher_args(cfg))
+    shared = load_file(str(folder / fmt.WEIGHTS))
+    own = model.state_dict()
+    bad = sorted(k for k, v in shared.items() if k not in own or own[k].shape != v.shape)
+    if bad:
+        raise BundleError(f"{folder / fmt.WEIGHTS}: tensors that the {spec.config!r} teacher does not have: {bad[:3]}")
+    model.load_state_dict(shared, strict=False)
+    if spec.local_norm:
+        model.load_state_dict(norms if norms is not None else load_file(str(folder / fmt.LOCAL_INIT)), strict=False)
+    return model.to(device), spec, cfg, {k: v.numpy() for k, v in shared.items()}
 
 
 def hospital_site(data: Path | SyntheticSite, pre: Preprocessing, cfg: PipelineConfig, folder: Path) -> Site:

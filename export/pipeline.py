@@ -22,6 +22,7 @@ from .stages import (
     check_seed,
     distill_stage,
     export_stage,
+    network_teacher_stage,
     quantize_stage,
     signing_key_for,
     train_teacher_stage,
@@ -33,7 +34,7 @@ def run_pipeline(
     out: Path, cfg: PipelineConfig, *, seed: int = 0, signing_key: Path | None = None, model_version: str = "1",
     log: Log = print, device: str = "cpu", init_checkpoint: Path | None = None, budgets: dict[str, float] | None = None,
     tolerance: float = DEFAULT_TOLERANCE, threads: int = 2, measure_cases: int = MEASURE_CASES,
-    variants: tuple[str, ...] = VARIANT_NAMES,
+    variants: tuple[str, ...] = VARIANT_NAMES, network_teacher: tuple[Path, Path | None] | None = None,
 ) -> PipelineResult:
     """train-teacher -> distill -> export -> quantize -> bundle. ``result.ok`` is False when no
     variant met accuracy and both budgets (the best one is still written)."""
@@ -46,7 +47,10 @@ def run_pipeline(
     work = Work(out / WORK_DIR, Identity.of(cfg, seed))
     work.check_folder()
     with CaseCache(work.root) as cases:  # one set of harmonized cases for all stages
-        train_teacher_stage(work, cfg, device=device, init_checkpoint=init_checkpoint, log=log, cases=cases)
+        if network_teacher is not None:  # trained by hospitals over the network: (version folder, own norms)
+            network_teacher_stage(work, cfg, folder=network_teacher[0], norms=network_teacher[1], log=log)
+        else:
+            train_teacher_stage(work, cfg, device=device, init_checkpoint=init_checkpoint, log=log, cases=cases)
         distill_stage(work, cfg, device=device, log=log, cases=cases)
         export_stage(work, cfg, log=log)
         quantize_stage(work, cfg, recipe, log=log, cases=cases)

@@ -233,6 +233,35 @@ def student_test_auc(models: dict[str, EdgeModel], cohort: SyntheticCohort, indi
     return {name: round(roc_auc(np.asarray(labels), np.asarray(s)), 4) for name, s in scores.items()}
 
 
+def network_teacher_stage(work: Work, cfg: PipelineConfig, *, folder: Path, norms: Path | None, log: Log = print) -> dict:
+    """The teacher stage from a teacher trained over the network by hospitals (DESIGN §10): a
+    verified version folder and a hospital's own normalisation layers; its preprocessing is the
+    federation's (the student must see inputs as the teacher did). Nothing is trained here."""
+    from safetensors.torch import load_file
+
+    from .hospital import global_teacher, read_spec
+
+    spec = read_spec(folder)
+    if spec.config != cfg.name:
+        raise BadInput(f"{folder}: a {spec.config!r} teacher; this pipeline runs --config {cfg.name}")
+    work.check_folder()
+    clock = time.perf_counter()
+    work.begin("teacher")
+    teacher, _, _, _ = global_teacher(folder, load_file(str(norms)) if norms is not None else None)
+    pre = Preprocessing.from_dict(spec.preprocessing)
+    log(f"teacher: the federation's version {folder.name} ({json.loads((folder / 'manifest.json').read_text())['model_version']}), "
+        f"normalisation layers {'of ' + norms.name if norms else 'of the first version'}")
+    with Staged(work, "teacher") as out:
+        _save_torch({"model": teacher.state_dict(), "strategy": "network"}, out / CHECKPOINT)
+        write_atomic(out / Path(PREPROCESSING).name, (json.dumps(pre.to_dict(), indent=2) + "\n").encode())
+        facts = {"test_auc": teacher_test_auc(teacher.eval(), cohort_of(cfg, work.identity.seed), pre, Splits.of(cfg).test,
+                                              cfg.train.batch_size),
+                 "parameters": count_parameters(teacher), "flops": count_flops(teacher, cfg)}
+    source = {"manifest_sha256": sha256_file(folder / "manifest.json"), "norms_sha256": sha256_file(norms) if norms else None}
+    return work.commit("teacher", options={"device": "cpu", "init_checkpoint": None, "training": "network", "teacher": source},
+                       inputs=[], outputs=work.files_under("teacher"), facts=facts, seconds=time.perf_counter() - clock)
+
+
 def train_teacher_stage(
     work: Work, cfg: PipelineConfig, *, device: str = "cpu", init_checkpoint: Path | None = None, log: Log = print,
     cases: CaseCache | None = None,

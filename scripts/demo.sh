@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Fresh machine -> end-to-end demo: export a tiny model (server side, with torch), then run it the
 # way a clinic PC does, from a second environment that has no torch at all; end with a federation on
-# loopback (aggregation server + three clinics, two rounds).
+# loopback (aggregation server + three clinics, two rounds), then the hospital tier: three hospitals train
+# the teacher over the network, it is distilled into a bundle that two clinics sync.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-demo-out}"
@@ -43,3 +44,6 @@ echo "== edge-run doctor: is this PC fit for the bundle?"
 
 echo "== federation on loopback: edge-server + three clinics (different sites), two DP rounds, AUC before/after per clinic"
 SEED="$SEED" CONFIG=tiny bash scripts/demo_federation.sh "$OUT" .venv .venv-clinic
+
+echo "== hospital tier on loopback: three hospitals train the teacher over the network (3 rounds), distilled and published to two clinics"
+SEED="$SEED" bash scripts/demo_hospitals.sh "$OUT" .venv .venv-clinic
