@@ -416,3 +416,32 @@ def test_old_databases_gain_the_tier_and_federation_columns(tmp_path):
     with engine.connect() as conn:
         assert conn.execute(text("SELECT tier FROM clinics")).scalar_one() == "clinic"
     db.create_all(engine)  # idempotent
+
+
+def test_pipeline_teacher_stage_takes_the_network_teacher(tmp_path):
+    """`pipeline --teacher-state`'s first stage: the federation's teacher (a version folder and a
+    hospital's own normalisation layers) becomes WORK/teacher with the federation's preprocessing;
+    a teacher of another config is refused before any work."""
+    from safetensors.torch import save_file
+
+    from export.config import get_config
+    from export.hospital import global_teacher, teacher_init
+    from export.stages import PREPROCESSING, load_teacher, network_teacher_stage
+    from export.work import Identity, Work
+
+    folder = tmp_path / "v1"
+    teacher_init(folder, config_name="micro", seed=3, sites=2, cases_per_site=8)
+    (folder / "manifest.json").write_text(json.dumps({"model_version": "teacher-micro-test"}))
+    model, spec, cfg, _ = global_teacher(folder, None)
+    own = {k: v + 0.5 for k, v in model.state_dict().items() if k in spec.local_tensors and v.dtype.is_floating_point}
+    save_file({k: v.contiguous() for k, v in own.items()}, str(tmp_path / "r2.safetensors"))
+    work = Work(tmp_path / "work", Identity.of(get_config("micro"), 0))
+    record = network_teacher_stage(work, get_config("micro"), folder=folder, norms=tmp_path / "r2.safetensors", log=lambda _m: None)
+    assert 0.0 <= record["facts"]["test_auc"] <= 1.0
+    loaded = load_teacher(work, get_config("micro")).state_dict()
+    name = sorted(own)[0]
+    assert torch.equal(loaded[name], own[name]), "the hospital's own normalisation layers"
+    assert json.loads(work.path(PREPROCESSING).read_text()) == spec.preprocessing
+    with pytest.raises(BadInput, match="this pipeline runs --config tiny"):
+        network_teacher_stage(Work(tmp_path / "w2", Identity.of(get_config("tiny"), 0)), get_config("tiny"), folder=folder,
+                              norms=None, log=lambda _m: None)
