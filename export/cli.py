@@ -445,11 +445,17 @@ def enroll_cmd(url: str, token: str, state: Path) -> None:
 @click.option("--seed", default=None, type=click.IntRange(min=0), help="Local training seed [default: from the hospital's name].")
 @click.option("--epochs", default=1, show_default=True, type=click.IntRange(1, 1000), help="Local epochs per round.")
 @click.option("--threads", default=2, show_default=True, type=click.IntRange(1, 256), help="torch threads.")
+@click.option("--dp", is_flag=True, help="Record-level DP-SGD (Opacus), charged to this hospital's privacy ledger before training.")
+@click.option("--dp-epsilon", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="With --dp: the lifetime budget (first use; afterwards the ledger's own) [default: 0.5].")
+@click.option("--dp-round-epsilon", type=click.FloatRange(min=0, min_open=True), default=None, help="With --dp: at most this per round.")
+@click.option("--dp-delta", type=click.FloatRange(min=0, min_open=True, max=1e-3), default=None, help="With --dp [default: 1e-5].")
 @click.option("--json", "as_json", is_flag=True)
 @handle_errors
 def train_round_cmd(state: Path, manifest: Path | None, synthetic_site: int | None, synthetic_sites: int, cohort_seed: int,
                     cases: int, val_cases: int, device: str, init_checkpoint: Path | None, seed: int | None, epochs: int,
-                    threads: int, as_json: bool) -> None:
+                    threads: int, as_json: bool, dp: bool = False, dp_epsilon: float | None = None,
+                    dp_round_epsilon: float | None = None, dp_delta: float | None = None) -> None:
     """One scheduled run: send what is pending, and if the open teacher round has nothing from this
     hospital, pull the global teacher, train on the hospital's cases, seal and upload the update."""
     import torch
@@ -463,8 +469,17 @@ def train_round_cmd(state: Path, manifest: Path | None, synthetic_site: int | No
     if init_checkpoint is not None and not init_checkpoint.is_file():
         raise BadInput(f"{init_checkpoint}: no such checkpoint file")
     data = manifest if manifest is not None else SyntheticSite(synthetic_site, synthetic_sites, cohort_seed, cases, val_cases)
+    if not dp and (dp_epsilon or dp_round_epsilon or dp_delta):
+        raise BadInput("--dp-epsilon, --dp-round-epsilon and --dp-delta take --dp")
+    dp_options = None
+    if dp:
+        from .hospital_dp import DPOptions
+
+        dp_options = DPOptions(epsilon_total=dp_epsilon, delta=dp_delta, round_epsilon=dp_round_epsilon)
+        if device != "cpu":
+            raise BadInput("--dp runs on the CPU in this release (Opacus' per-case gradients were checked there)")
     torch.set_num_threads(threads)
-    done = train_round(state, data, device=check_device(device), init_checkpoint=init_checkpoint, seed=seed, epochs=epochs,
+    done = train_round(state, data, device=check_device(device), init_checkpoint=init_checkpoint, seed=seed, epochs=epochs, dp=dp_options,
                        log=(lambda m: click.echo(m, err=True)) if as_json else click.echo)
     if as_json:
         click.echo(json.dumps(done, indent=2, default=str))

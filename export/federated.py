@@ -174,6 +174,9 @@ class FederationSpec:
     strategy_options: tuple[tuple[str, float], ...] = ()  # further constructor settings, e.g. (("eta", 2.0),)
     site_cases: tuple[int, ...] = ()  # training cases per site, overriding cases_per_site (a small site)
     prevalence: tuple[tuple[int, float], ...] = ()  # (site, prevalence) overriding the cohort's profile
+    dp_epsilon: float | None = None  # record-level DP at every site (export.hospital_dp): lifetime epsilon; None: off
+    dp_round_epsilon: float | None = None  # at most this much per round (None: dp_epsilon / rounds)
+    dp_delta: float = 1e-5
 
     def train_cases(self, site: int) -> int:
         return self.site_cases[site] if site < len(self.site_cases) else self.cases_per_site
@@ -260,10 +263,16 @@ class Federation:
             updates, site_state, auc_before = [], [], {}
             for site in self.sites:
                 self._at_site(global_state, site)
-                step = site_round(model, site, global_params, cfg=self.cfg, epochs=spec.local_epochs, mu=mu,
-                                  seed=self.seed * 1000 + rnd * 100 + site.index, norms=self.norms, device=device)
+                seed = self.seed * 1000 + rnd * 100 + site.index
+                noise = 0.0
+                if spec.dp_epsilon is None:
+                    step = site_round(model, site, global_params, cfg=self.cfg, epochs=spec.local_epochs, mu=mu, seed=seed,
+                                      norms=self.norms, device=device)
+                else:
+                    step, privacy = self._dp_round(site, global_params, rnd, seed)
+                    noise = privacy["released_noise_multiplier"]
                 auc_before[site.index] = step.auc_before
-                updates.append(ClientUpdate.in_memory(UpdateMeta(f"site{site.index}", **step.meta), step.delta))
+                updates.append(ClientUpdate.in_memory(UpdateMeta(f"site{site.index}", **step.meta, noise_multiplier=noise), step.delta))
                 site_state.append(step.norm_state)
                 advance(1)
             result = self.strategy.aggregate(global_params, updates, branch_of)
@@ -290,6 +299,22 @@ class Federation:
                 fh.write(json.dumps(record) + "\n")
             self.log(f"round {rnd + 1}/{spec.rounds}: val AUC " + " ".join(f"{k} {v:.3f}" for k, v in site_auc.items())
                      + "  weights " + " ".join(f"{k} {v:.2f}" for k, v in result.weights["shared"].items()))
+
+    def _dp_round(self, site: Site, global_params: dict[str, np.ndarray], rnd: int, seed: int):
+        """A site's round under DP-SGD (Opacus), charged to the site's own ledger in OUT/privacy/."""
+        from edge_runtime.privacy.ledger import Ledger
+
+        from .hospital_dp import DPOptions, dp_site_round
+
+        spec = self.spec
+        if not spec.local_norm:
+            raise BadInput("DP at a site needs local normalisation layers (FedBN): batch statistics are outside the clipped gradients")
+        ledger = Ledger(self.out / "privacy" / f"site{site.index}", f"site{site.index}", "teacher",
+                        epsilon_total=spec.dp_epsilon, delta=spec.dp_delta)
+        opts = DPOptions(epsilon_total=spec.dp_epsilon, delta=spec.dp_delta,
+                         round_epsilon=spec.dp_round_epsilon or spec.dp_epsilon / spec.rounds)
+        return dp_site_round(self.model, site, global_params, cfg=self.cfg, epochs=spec.local_epochs, seed=seed,
+                             norms=self.norms if spec.local_norm else set(), ledger=ledger, round_id=f"r{rnd + 1}", opts=opts)
 
     def _site_auc(self, global_state: dict[str, torch.Tensor], site: Site, data) -> float:
         self._at_site(global_state, site)

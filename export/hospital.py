@@ -352,8 +352,12 @@ def default_seed(name: str) -> int:
 
 
 def train_round(root: Path, data: Path | SyntheticSite, *, device: str = "cpu", init_checkpoint: Path | None = None,
-                seed: int | None = None, epochs: int = 1, log=print) -> dict:
-    """One scheduled run (see the module docstring): what it did, as a dict."""
+                seed: int | None = None, epochs: int = 1, dp=None, log=print) -> dict:
+    """One scheduled run (see the module docstring): what it did, as a dict. ``dp``
+    (export.hospital_dp.DPOptions): record-level DP-SGD, charged to the hospital's privacy ledger
+    (dataset ``teacher``) before training; refused once its lifetime budget is spent."""
+    if dp is not None:
+        dp.check()
     hospital = Hospital(root)
     sent = hospital.send_pending()
     doc = hospital._json("GET", "/v1/teacher", b"", "teacher federation")
@@ -371,17 +375,32 @@ def train_round(root: Path, data: Path | SyntheticSite, *, device: str = "cpu", 
         site = hospital_site(data, pre, cfg, Path(work))
         log(f"round {rnd['id']} (teacher round {rnd['number']}): training on {len(site.train)} cases, "
             f"{len(site.val)} for validation, base version {rnd['base_version']}")
-        step = site_round(model, site, global_params, cfg=cfg.train, epochs=epochs, mu=0.0,
-                          seed=seed + 100 * (rnd["number"] - 1), norms=norm_names(model) if spec.local_norm else set(),
-                          device=device)
+        norms = norm_names(model) if spec.local_norm else set()
+        local_seed = seed + 100 * (rnd["number"] - 1)
+        privacy = None
+        if dp is None:
+            step = site_round(model, site, global_params, cfg=cfg.train, epochs=epochs, mu=0.0, seed=local_seed, norms=norms,
+                              device=device)
+        else:
+            from .hospital_dp import dp_site_round
+
+            if not spec.local_norm:
+                raise BadInput("DP at a hospital needs the federation's local normalisation layers (FedBN)")
+            state = hospital.state
+            ledger = state.ledger("teacher", epsilon_total=dp.epsilon_total, delta=dp.delta)
+            step, privacy = dp_site_round(model, site, global_params, cfg=cfg.train, epochs=epochs, seed=local_seed, norms=norms,
+                                          ledger=ledger, round_id=f"teacher-r{rnd['id']}", opts=dp,
+                                          register=lambda: state.register_dataset("teacher"))
+            log(f"DP-SGD: sigma {privacy['noise_multiplier']}, {privacy['steps']} steps; epsilon spent "
+                f"{privacy['epsilon_spent']:.3f} of {privacy['epsilon_total']:g} (delta {privacy['delta']:g})")
     if spec.local_norm:
         hospital.save_norms(rnd["number"], step.norm_state)
-    meta = {**step.meta, "noise_multiplier": 0.0}
+    meta = {**step.meta, "noise_multiplier": privacy["released_noise_multiplier"] if privacy else 0.0}
     side = hospital.seal(step.delta, update_id=f"{hospital.name}-t{rnd['id']}", round_id=rnd["id"],
                          base_version=rnd["base_version"], meta=meta)
     answer = hospital.upload(side)
     return {"status": "sent", "round": rnd, "val_loss": step.meta["val_loss"], "val_auc_before": step.auc_before,
-            "update": answer, "sent": sent}
+            "update": answer, "sent": sent, "privacy": privacy}
 
 
 def enroll(root: Path, url: str, token: str) -> dict:

@@ -218,11 +218,15 @@ class Teacher(nn.Module):
         # a target exists and TrainConfig.aux_weight > 0); it regularises the shared representation.
         self.risk_head = nn.Linear(cfg.dim, 1)
         self.dim = cfg.dim
+        self.dense = False  # True: every encoder runs on every row (absent ones are zeros, masked after): DP-SGD's per-case gradients
 
     def embed(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
         embs = []
         for i, m in enumerate(MODALITIES):
-            feats = _encode(self.encoders[m], inputs[m], mask[:, i] > 0, self.encoders[m].out_dim)
+            if self.dense:
+                feats = self.encoders[m](inputs[m])
+            else:
+                feats = _encode(self.encoders[m], inputs[m], mask[:, i] > 0, self.encoders[m].out_dim)
             embs.append(self.alignment(m, feats) * mask[:, i : i + 1])
         return torch.stack(embs, 1)
 

@@ -445,3 +445,36 @@ def test_pipeline_teacher_stage_takes_the_network_teacher(tmp_path):
     with pytest.raises(BadInput, match="this pipeline runs --config tiny"):
         network_teacher_stage(Work(tmp_path / "w2", Identity.of(get_config("tiny"), 0)), get_config("tiny"), folder=folder,
                               norms=None, log=lambda _m: None)
+
+
+def test_hospital_dp_charges_the_ledger_before_release_and_refuses_past_the_budget(fed):
+    """`train-round --dp`: each round planned inside the lifetime budget and charged (fsynced) to
+    the hospital's ledger before training; the update carries the coarsened sigma; once the budget
+    is spent the round is refused with nothing trained and nothing sent."""
+    from export.hospital import SyntheticSite, train_round
+    from export.hospital_dp import DPOptions
+
+    f = fed(teacher_min_clients=1)
+    from export.hospital import enroll
+
+    enroll(f.root / "north", f.url, f.srv.issue_token("north", "hospital"))
+    data = SyntheticSite(0, SITES, 0, CASES, VAL)
+    opts = DPOptions(epsilon_total=0.5)  # the first round plans the whole budget in
+    first = train_round(f.root / "north", data, dp=opts, seed=0, log=lambda _m: None)
+    assert first["status"] == "sent" and first["privacy"]["rounds"] == 1
+    assert 0.45 < first["privacy"]["epsilon_spent"] <= 0.5 + 1e-6
+    with f.srv.engine.connect() as conn:
+        from sqlalchemy import select
+
+        from server import db
+
+        meta = conn.execute(select(db.updates.c.meta)).scalar_one()
+    assert 0.5 <= meta["noise_multiplier"] <= first["privacy"]["noise_multiplier"]
+    f.wait_version(2)
+    ledger = (f.root / "north" / "privacy" / "teacher" / "ledger.jsonl").read_text().splitlines()
+    assert len(ledger) == 1
+    with pytest.raises(Refused, match="budget"):
+        train_round(f.root / "north", data, dp=opts, seed=0, log=lambda _m: None)
+    assert (f.root / "north" / "privacy" / "teacher" / "ledger.jsonl").read_text().splitlines() == ledger, "nothing charged"
+    assert not list((f.root / "north" / "teacher" / "outbox").iterdir()), "nothing sent"
+    assert len(f.teacher_versions()) == 2
