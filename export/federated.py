@@ -314,7 +314,8 @@ class Federation:
         opts = DPOptions(epsilon_total=spec.dp_epsilon, delta=spec.dp_delta,
                          round_epsilon=spec.dp_round_epsilon or spec.dp_epsilon / spec.rounds)
         return dp_site_round(self.model, site, global_params, cfg=self.cfg, epochs=spec.local_epochs, seed=seed,
-                             norms=self.norms if spec.local_norm else set(), ledger=ledger, round_id=f"r{rnd + 1}", opts=opts)
+                             norms=self.norms if spec.local_norm else set(), ledger=ledger, round_id=f"r{rnd + 1}", opts=opts,
+                             noise_seed=seed)  # a simulation is reproducible; a hospital's noise is not (hospital_dp)
 
     def _site_auc(self, global_state: dict[str, torch.Tensor], site: Site, data) -> float:
         self._at_site(global_state, site)

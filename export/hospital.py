@@ -22,6 +22,7 @@ import hashlib
 import io
 import json
 import tempfile
+import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -150,10 +151,14 @@ class Hospital:
     # ------------------------------------------------------------ outbox and upload
 
     def contributed(self, round_id: int) -> str | None:
+        """The update this hospital has queued, or had stored, for a round (trained for it, or counted
+        in it: one sent for R and stored in R+1 counts for R+1); refused ones do not count."""
         for folder in (self.root / "outbox", self.root / "sent"):
             for side in folder.glob("*.json"):
                 doc = json.loads(side.read_text())
-                if int(doc.get("round", -1)) == round_id:
+                if doc.get("status") == "refused":
+                    continue
+                if round_id in (int(doc.get("round", -1)), int((doc.get("answer") or {}).get("round", -1))):
                     return side.stem
         return None
 
@@ -178,35 +183,56 @@ class Hospital:
         return outbox / f"{update_id}.json"
 
     def send_pending(self) -> list[dict]:
-        return [self.upload(side) for side in sorted((self.root / "outbox").glob("*.json"))]
+        """Upload the outbox. An update the server refuses for good (4xx: stale, already sent, does not
+        fit) is recorded in sent/ as refused and dropped, so it never blocks later rounds; an
+        unreachable or busy server leaves it queued (the run fails; the next one resumes)."""
+        out = []
+        for side in sorted((self.root / "outbox").glob("*.json")):
+            try:
+                out.append(self.upload(side))
+            except ServerRefused as exc:
+                if exc.status >= 500 or exc.status in (408, 429):
+                    raise
+                doc = {**json.loads(side.read_text()), "status": "refused", "reason": str(exc)}
+                doc.pop("stream_key", None)
+                write_atomic(self.root / "sent" / side.name, json.dumps(doc, indent=2).encode())
+                side.unlink()
+                side.with_suffix(".sealed").unlink(missing_ok=True)
+                out.append(doc)
+        return out
 
     def upload(self, side_path: Path) -> dict:
         """Upload one outbox update: begin (idempotent), then from the server's acknowledged count on,
-        one signed chunk per request; after a dropped connection the count is asked for again, so no
-        acknowledged chunk is sent twice; then complete. The outbox entry moves to sent/."""
+        one signed chunk per request; after a dropped connection or a busy answer the count is asked
+        for again after a backoff (at most ``retries`` failures in a row), so no acknowledged chunk is
+        sent twice; then complete. The outbox entry moves to sent/."""
         side = json.loads(side_path.read_text())
         uid = side["update_id"]
         begin = {k: side[k] for k in ("update_id", "round", "base_version", "kem", "stream_key", "total_size", "meta")}
         status = self._json("POST", "/v1/teacher/uploads", json.dumps(begin).encode(), f"update {uid}: begin")
-        sent = 0
+        sent, failures = 0, 0
         sealed = side_path.with_suffix(".sealed")
         with open(sealed, "rb") as fh:
             while status["received_chunks"] < status["chunks"] and status["state"] == "receiving":
                 index = status["received_chunks"]
                 fh.seek(index * status["chunk_size"])
                 data = fh.read(status["chunk_size"])
-                path = f"/v1/teacher/uploads/{uid}/{index}"
                 try:
-                    resp = self.client.request("PUT", path, data, retry=False)
-                except Refused:  # connection dropped: whatever the server stored, its count says
+                    resp = self.client.request("PUT", f"/v1/teacher/uploads/{uid}/{index}", data, retry=False)
+                except Refused as exc:  # dropped connection or busy server: whatever was stored, the count says
+                    failures += 1
+                    if failures > self.client.retries:
+                        raise Refused(f"update {uid}: chunk {index} not acknowledged after {failures} tries ({exc})") from exc
+                    time.sleep(self.client.backoff * 2 ** (failures - 1))
                     status = self._json("GET", f"/v1/teacher/uploads/{uid}", b"", f"update {uid}: status")
                     continue
                 sent += 1
-                if resp.status_code in (200, 409):  # 409: the count moved meanwhile; ask for it
-                    status = resp.json() if resp.status_code == 200 else \
-                        self._json("GET", f"/v1/teacher/uploads/{uid}", b"", f"update {uid}: status")
-                    continue
-                raise Refused(f"update {uid}: chunk {index} refused (HTTP {resp.status_code}): {reason(resp)}")
+                if resp.status_code == 200:
+                    status, failures = resp.json(), 0
+                elif resp.status_code == 409:  # the count moved meanwhile (another try got through): ask for it
+                    status = self._json("GET", f"/v1/teacher/uploads/{uid}", b"", f"update {uid}: status")
+                else:
+                    raise ServerRefused(resp.status_code, f"update {uid}: chunk {index} refused (HTTP {resp.status_code}): {reason(resp)}")
         done = self._json("POST", f"/v1/teacher/uploads/{uid}/complete", json.dumps({"sha256": side["sha256"]}).encode(),
                           f"update {uid}: complete")
         answer = {**side, "answer": done, "chunks_sent": sent}
@@ -219,8 +245,16 @@ class Hospital:
     def _json(self, method: str, path: str, body: bytes, what: str) -> dict:
         resp = self.client.request(method, path, body)
         if resp.status_code != 200:
-            raise Refused(f"{what}: server refused (HTTP {resp.status_code}): {reason(resp)}")
+            raise ServerRefused(resp.status_code, f"{what}: server refused (HTTP {resp.status_code}): {reason(resp)}")
         return resp.json()
+
+
+class ServerRefused(Refused):
+    """The server answered, and refused (HTTP status kept: 4xx is final, 5xx worth a later try)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def read_spec(folder: Path) -> fmt.TeacherSpec:

@@ -18,6 +18,7 @@ What changes under DP, and why:
 
 from __future__ import annotations
 
+import secrets
 import warnings
 from dataclasses import dataclass
 
@@ -81,9 +82,12 @@ def case_losses(model: Teacher, data, batch_size: int) -> np.ndarray:
 
 def dp_site_round(model: Teacher, site: Site, global_params: dict[str, np.ndarray], *, cfg: TrainConfig, epochs: int,
                   seed: int, norms: set[str], ledger: Ledger, round_id: str, opts: DPOptions,
-                  register=lambda: None) -> tuple[SiteStep, dict]:
+                  noise_seed: int | None = None, register=lambda: None) -> tuple[SiteStep, dict]:
     """One site's DP round on ``model`` (the global teacher as the site runs it): plan, charge, then
-    DP-SGD; the SiteStep (its meta the noised release) and the privacy figures for the report."""
+    DP-SGD; the SiteStep (its meta the noised release) and the privacy figures for the report.
+    ``seed`` drives what may be public (augmentation, modality dropout, dropout); the sampling and
+    every noise draw come from ``noise_seed``, which only a simulation fixes: None (a hospital) takes
+    OS entropy, or whoever knows the seed could subtract the noise."""
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
 
@@ -109,12 +113,13 @@ def dp_site_round(model: Teacher, site: Site, global_params: dict[str, np.ndarra
         if name not in norms:
             trainable.append(p)
     wrapped = GradSampleModule(model, loss_reduction="mean")
+    secret = secrets.randbits(63) if noise_seed is None else noise_seed
     optimizer = DPOptimizer(torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay),
                             noise_multiplier=events.noise_multiplier, max_grad_norm=opts.clip,
                             expected_batch_size=max(1, round(events.sampling_rate * n)), loss_reduction="mean",
-                            generator=gen)
+                            generator=torch.Generator().manual_seed(secret))
     rows = _Rows(site.train)
-    rng = np.random.default_rng([seed, 7])
+    rng = np.random.default_rng([secret, 7])  # Poisson sampling and the metadata's noise
     try:
         for _ in range(events.steps):
             model.train()

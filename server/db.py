@@ -133,7 +133,7 @@ uploads = Table(
     Column("chunk_size", Integer, nullable=False),
     Column("received_chunks", Integer, nullable=False, default=0),
     Column("received_bytes", BigInteger, nullable=False, default=0),
-    Column("state", String(16), nullable=False),  # receiving | complete
+    Column("state", String(16), nullable=False),  # receiving | completing (claimed by one completion) | complete
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
 )
@@ -180,17 +180,33 @@ def create_all(engine: Engine) -> None:
     upgrade(engine)
 
 
+def lock_ids(conn) -> None:
+    """Serialise the transactions that allocate version and round ids (max + 1): two processes
+    aggregating the two federations at once would otherwise take the same id on PostgreSQL (READ
+    COMMITTED). The advisory lock is held to the end of the transaction; SQLite's one writer
+    serialises these transactions already."""
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql("SELECT pg_advisory_xact_lock(1685024869)")
+
+
 def upgrade(engine: Engine) -> None:
     """Add the columns of ADDED_COLUMNS that a database made by an older release lacks (with their
     defaults, which is what every existing row was: a clinic, in the head federation)."""
     from sqlalchemy import inspect, text
 
-    with engine.begin() as conn:
-        insp = inspect(conn)
-        have = {(t, c["name"]) for t in insp.get_table_names() for c in insp.get_columns(t)}
-        for (table, column), default in ADDED_COLUMNS.items():
-            if (table, column) not in have:
+    from sqlalchemy.exc import DBAPIError
+
+    for (table, column), default in ADDED_COLUMNS.items():
+        with engine.connect() as conn:
+            if column in {c["name"] for c in inspect(conn).get_columns(table)}:
+                continue
+        try:
+            with engine.begin() as conn:
                 conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} VARCHAR(16) NOT NULL DEFAULT {default}"))
+        except DBAPIError:  # a second server starting at the same moment added it first
+            with engine.connect() as conn:
+                if column not in {c["name"] for c in inspect(conn).get_columns(table)}:
+                    raise
 
 
 def now() -> float:

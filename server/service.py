@@ -309,6 +309,7 @@ class Server:
         for name, data in sorted(files.items()):
             listing[name] = ({"sha256": data.sha256, "size": data.size} if isinstance(data, StoredBlob)
                              else {"sha256": self.blobs.put(data), "size": len(data)})
+        db.lock_ids(conn)
         version = (conn.execute(select(func.max(db.versions.c.version))).scalar() or 0) + 1
         manifest = sign_manifest({**body, "files": listing, "server_version": version}, self.signing_key)
         data = json.dumps(manifest, indent=2, sort_keys=True).encode()
@@ -317,7 +318,16 @@ class Server:
                                                 round=round_id, created_at=db.now(), federation=federation))
         return version
 
+    @staticmethod
+    def staleness(conn, federation: str, sent_round: int, current: int) -> int:
+        """Rounds of ``federation`` opened after ``sent_round`` up to ``current``: ids are one sequence
+        over both federations, so the other federation's rounds in between do not count."""
+        r = db.rounds.c
+        return conn.execute(select(func.count()).select_from(db.rounds).where(
+            r.federation == federation, r.id > sent_round, r.id <= current)).scalar_one()
+
     def open_round(self, conn, base_version: int, federation: str = "head") -> int:
+        db.lock_ids(conn)
         rid = (conn.execute(select(func.max(db.rounds.c.id))).scalar() or 0) + 1
         rules = self.config.rules(federation)
         t = db.now()
@@ -367,7 +377,8 @@ class Server:
             raise Refusal(409, f"round {env.round} is based on version {sent.base_version}, not {env.base_version}")
         if cur["state"] != "open":
             raise Refusal(503, f"round {cur['id']} is being aggregated; retry shortly")
-        staleness = cur["id"] - env.round
+        with self.engine.connect() as conn:
+            staleness = self.staleness(conn, "head", env.round, cur["id"])
         if staleness > self.config.max_staleness:
             raise Refusal(409, f"update for round {env.round} is too stale ({staleness} rounds > {self.config.max_staleness})")
         with self.engine.connect() as conn:

@@ -89,7 +89,7 @@ def _round_for(srv: Server, conn, sent_round: int, base_version: int) -> tuple[d
         raise Refusal(409, f"round {sent_round} is based on version {sent.base_version}, not {base_version}")
     if cur["state"] != "open":
         raise Refusal(503, f"round {cur['id']} is being aggregated; retry shortly")
-    staleness = cur["id"] - sent_round
+    staleness = srv.staleness(conn, "teacher", sent_round, cur["id"])
     limit = srv.config.teacher_max_staleness
     if staleness > limit:
         raise Refusal(409, f"update for round {sent_round} is too stale ({staleness} rounds > {limit})")
@@ -121,6 +121,10 @@ def begin(srv: Server, hospital: str, req: UploadStart) -> dict:
         cur, _ = _round_for(srv, conn, req.round, req.base_version)
         if conn.execute(select(db.updates.c.update_id).where(db.updates.c.clinic == hospital, db.updates.c.round == cur["id"])).first():
             raise Refusal(409, f"hospital {hospital!r} already sent an update for round {cur['id']}")
+        u = db.uploads.c
+        other = conn.execute(select(u.upload_id).where(u.clinic == hospital, u.round == req.round, u.state != "complete")).first()
+        if other is not None:  # one upload in progress per hospital and round: no one fills the disk with parts
+            raise Refusal(409, f"hospital {hospital!r} is already uploading {other.upload_id!r} for round {req.round}")
     low, high = sealed_size_bounds(teacher_shapes(srv, req.base_version))
     if not low <= req.total_size <= high:
         raise Refusal(422, f"declared size {req.total_size} does not fit the model of version {req.base_version} "
@@ -166,20 +170,20 @@ def chunk(srv: Server, hospital: str, upload_id: str, index: int, data: bytes) -
     """Store chunk ``index`` if it is the next one; answer (without writing) one already acknowledged."""
     u = db.uploads.c
     with srv.engine.begin() as conn:
+        # The write comes first (SQLite: the transaction takes the write lock at once, never upgrading a
+        # read; both: the row is locked, so a concurrent request for the same chunk waits here)
+        locked = conn.execute(update(db.uploads).where(u.upload_id == upload_id, u.clinic == hospital, u.state == "receiving",
+                                                       u.received_chunks == index).values(updated_at=db.now())).rowcount == 1
         row = _row(srv, conn, hospital, upload_id)
         info = describe(row)
-        if row.state != "receiving" or index < row.received_chunks:
-            return {**info, "status": "already have it"}
-        if index > row.received_chunks:
+        if not locked:
+            if row.state != "receiving" or index < row.received_chunks:
+                return {**info, "status": "already have it"}
             raise Refusal(409, f"chunk {index} is ahead: the server has acknowledged {row.received_chunks} chunk(s); send chunk {row.received_chunks}")
         last = info["chunks"] - 1
         want = row.chunk_size if index < last else row.total_size - row.chunk_size * last
         if index > last or len(data) != want:
             raise Refusal(422, f"chunk {index} has {len(data)} bytes; it must have {want} (of {row.total_size} declared)")
-        # Lock the row first (a write on both databases): a concurrent request for the same chunk waits here
-        if conn.execute(update(db.uploads).where(u.upload_id == upload_id, u.received_chunks == index)
-                        .values(updated_at=db.now())).rowcount != 1:
-            raise Refusal(409, f"chunk {index} was received meanwhile; ask for the upload's status")
         _write_at(part_path(srv, upload_id), int(row.received_bytes), data)
         conn.execute(update(db.uploads).where(u.upload_id == upload_id)
                      .values(received_chunks=index + 1, received_bytes=row.received_bytes + len(data)))
@@ -206,28 +210,48 @@ def _write_at(path: Path, offset: int, data: bytes) -> None:
         os.close(fd)
 
 
+COMPLETE_LEASE_S = 600.0  # a completion claimed longer ago than this (its process died) may be claimed again
+
+
 def complete(srv: Server, hospital: str, upload_id: str, sha256: str) -> Accepted:
     """Check the whole ciphertext (its hash as the hospital signed it; it opens with the stream key
     bound to this sender, round and id; its tensors match the model, all finite), then store it as a
-    blob and count it in the current round. A failed check discards the upload (its id can begin
-    again), stores nothing."""
-    with srv.engine.connect() as conn:
+    blob and count it in the current round. One completion at a time (the row is claimed: a retry
+    while one runs gets 503). A failed check discards the upload (its id can begin again), stores
+    nothing. The part file is linked into the blob store and removed only after the commit: a crash
+    anywhere leaves either the upload to complete again or the update stored."""
+    u = db.uploads.c
+    with srv.engine.begin() as conn:
+        claimed = conn.execute(update(db.uploads).where(
+            u.upload_id == upload_id, u.clinic == hospital, u.received_bytes == u.total_size,
+            (u.state == "receiving") | ((u.state == "completing") & (u.updated_at < db.now() - COMPLETE_LEASE_S)))
+            .values(state="completing", updated_at=db.now())).rowcount == 1
         row = _row(srv, conn, hospital, upload_id)
+    if not claimed:
         if row.state == "complete":
-            dup = conn.execute(select(db.updates).where(db.updates.c.update_id == upload_id)).first()
+            with srv.engine.connect() as conn:
+                dup = conn.execute(select(db.updates).where(db.updates.c.update_id == upload_id)).first()
             return Accepted("already have it", upload_id, dup.round if dup else row.round, dup.staleness if dup else 0)
-    if row.received_bytes != row.total_size:
+        if row.state == "completing":
+            raise Refusal(503, f"upload {upload_id!r} is being completed; retry shortly")
         raise Refusal(409, f"upload {upload_id!r} has {row.received_bytes} of {row.total_size} bytes; send the rest first")
     path = part_path(srv, upload_id)
     try:
         norm = _check_stream(srv, row, path, sha256)
-    except Refusal:
-        discard(srv, upload_id)
+        with srv.engine.connect() as conn:
+            cur, staleness = _round_for(srv, conn, row.round, row.base_version)
+    except Refusal as exc:
+        if exc.status == 503:  # the round is being aggregated: the upload stays, to be completed again
+            _unclaim(srv, upload_id)
+        else:
+            discard(srv, upload_id)
         raise
-    with srv.engine.connect() as conn:
-        cur, staleness = _round_for(srv, conn, row.round, row.base_version)
-    sha, _ = srv.blobs.put_file(path)
-    u = db.uploads.c
+    except BaseException:
+        _unclaim(srv, upload_id)
+        raise
+    link = srv.blobs.temp("part")
+    os.link(path, link)  # the part stays until the row says complete
+    sha, _ = srv.blobs.put_file(link)
     try:
         with srv.engine.begin() as conn:
             if conn.execute(update(db.rounds).where(db.rounds.c.id == cur["id"], db.rounds.c.state == "open")
@@ -241,14 +265,21 @@ def complete(srv: Server, hospital: str, upload_id: str, sha256: str) -> Accepte
                 received_at=db.now()))
             conn.execute(update(db.uploads).where(u.upload_id == upload_id).values(state="complete", updated_at=db.now()))
     except IntegrityError:
+        discard(srv, upload_id)
         raise Refusal(409, f"hospital {hospital!r} already sent an update for round {cur['id']}") from None
-    except Refusal:  # the blob stays (content-addressed, harmless); the part goes back, so completing again works
-        if srv.blobs.has(sha):
-            shutil.copyfile(srv.blobs.path(sha), path)
+    except BaseException:  # the blob stays (content-addressed, harmless); the upload can be completed again
+        _unclaim(srv, upload_id)
         raise
+    path.unlink(missing_ok=True)
     log.info("stored teacher update %s (%d bytes, staleness %d)", upload_id, row.total_size, staleness,
              extra={"clinic": hospital, "round": cur["id"]})
     return Accepted("stored", upload_id, cur["id"], staleness)
+
+
+def _unclaim(srv: Server, upload_id: str) -> None:
+    u = db.uploads.c
+    with srv.engine.begin() as conn:
+        conn.execute(update(db.uploads).where(u.upload_id == upload_id, u.state == "completing").values(state="receiving"))
 
 
 def _check_stream(srv: Server, row, path: Path, sha256: str) -> float:
@@ -274,5 +305,5 @@ def _check_stream(srv: Server, row, path: Path, sha256: str) -> float:
 
 def discard(srv: Server, upload_id: str) -> None:
     with srv.engine.begin() as conn:
-        conn.execute(db.uploads.delete().where(db.uploads.c.upload_id == upload_id, db.uploads.c.state == "receiving"))
+        conn.execute(db.uploads.delete().where(db.uploads.c.upload_id == upload_id, db.uploads.c.state != "complete"))
     part_path(srv, upload_id).unlink(missing_ok=True)
