@@ -129,6 +129,7 @@ def begin(srv: Server, hospital: str, req: UploadStart) -> dict:
     if not low <= req.total_size <= high:
         raise Refusal(422, f"declared size {req.total_size} does not fit the model of version {req.base_version} "
                            f"(an update of its parameters is {low} to {high} bytes)")
+    _forget_abandoned(srv, hospital)
     folder = part_path(srv, req.update_id).parent
     folder.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(folder).free
@@ -146,6 +147,20 @@ def begin(srv: Server, hospital: str, req: UploadStart) -> dict:
     log.info("upload %s begun: %d bytes in chunks of %d", req.update_id, req.total_size, srv.config.teacher_chunk_bytes,
              extra={"clinic": hospital, "round": req.round})
     return status(srv, hospital, req.update_id)
+
+
+def _forget_abandoned(srv: Server, hospital: str) -> None:
+    """Discard this hospital's unfinished uploads for rounds it can no longer send to (too stale):
+    their parts would otherwise stay on disk for good."""
+    u = db.uploads.c
+    with srv.engine.connect() as conn:
+        cur = srv.current_round(conn, "teacher")
+        rows = conn.execute(select(u.upload_id, u.round).where(u.clinic == hospital, u.state == "receiving")).all()
+        stale = [r.upload_id for r in rows
+                 if cur is None or srv.staleness(conn, "teacher", r.round, cur["id"]) > srv.config.teacher_max_staleness]
+    for upload_id in stale:
+        log.info("discarding abandoned upload %s (its round is past max staleness)", upload_id, extra={"clinic": hospital})
+        discard(srv, upload_id)
 
 
 def describe(row) -> dict:

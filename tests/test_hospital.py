@@ -478,3 +478,32 @@ def test_hospital_dp_charges_the_ledger_before_release_and_refuses_past_the_budg
     assert (f.root / "north" / "privacy" / "teacher" / "ledger.jsonl").read_text().splitlines() == ledger, "nothing charged"
     assert not list((f.root / "north" / "teacher" / "outbox").iterdir()), "nothing sent"
     assert len(f.teacher_versions()) == 2
+
+
+def test_an_abandoned_upload_is_discarded_once_its_round_is_past_staleness(tmp_path, teacher_folder):
+    from sqlalchemy import insert, select
+
+    from federation.teacher import sealed_size_bounds
+    from server import db
+    from server.home import Config, Home
+    from server.service import Server
+    from server.teacher import publish_teacher, teacher_shapes
+    from server.uploads import UploadStart, begin, chunk, part_path
+
+    home = Home(tmp_path / "srv")
+    home.init(Config(teacher_max_staleness=1, teacher_chunk_bytes=2**16))
+    srv = Server(home)
+    v1, r1 = publish_teacher(srv, teacher_folder)
+    with srv.engine.begin() as conn:
+        conn.execute(insert(db.clinics).values(name="north", public_key="00" * 32, enrolled_at=0.0, tier="hospital"))
+    key = {"kem": "x25519", "sealed_keyset": base64.b64encode(b"k").decode()}
+    size = sealed_size_bounds(teacher_shapes(srv, v1))[0]
+    begin(srv, "north", UploadStart("north-t1", r1, v1, "x25519", key, size, dict(META)))
+    chunk(srv, "north", "north-t1", 0, b"\0" * 2**16)
+    assert part_path(srv, "north-t1").stat().st_size == 2**16
+    for _ in range(2):
+        v, r = publish_teacher(srv, teacher_folder)
+    begin(srv, "north", UploadStart(f"north-t{r}", r, v, "x25519", key, size, dict(META)))
+    with srv.engine.connect() as conn:
+        assert [row.upload_id for row in conn.execute(select(db.uploads))] == [f"north-t{r}"]
+    assert not part_path(srv, "north-t1").exists()
