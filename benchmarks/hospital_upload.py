@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,12 +39,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TARGETS = {"server_peak_rss_mb": 300, "throughput_mb_s": 50, "chunks_resent": 1}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def vm_hwm_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -59,21 +51,6 @@ def vm_rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError("no VmRSS")
-
-
-def serve(home: Path, port: int, log: Path) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--home", str(home), "--port", str(port), "--tick", "0.5"],
-                            cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited: {log.read_text()[-2000:]}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return proc
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit("server did not start")
 
 
 def cut_mid_chunk(hospital, side: Path, acknowledged: int) -> None:
@@ -140,6 +117,7 @@ def main() -> None:
     from server.home import Config, Home
     from server.service import Server
     from server.teacher import publish_teacher, teacher_params
+    from tests.server_util import ServerProcess
 
     with tempfile.TemporaryDirectory(prefix="hospital-upload-") as tmp:
         tmp = Path(tmp)
@@ -157,10 +135,10 @@ def main() -> None:
         version, round_id = publish_teacher(srv, tmp / "init")
         params = teacher_params(srv, version)
         n_params = int(sum(v.size for v in params.values()))
-        port = free_port()
-        proc = serve(home.root, port, tmp / "serve.log")
+        server = ServerProcess(home.root, None, tick=0.5).start()
+        proc = server.proc
         try:
-            url = f"http://127.0.0.1:{port}"
+            url = server.url
             hospitals, sides = [], []
             for k in range(args.hospitals):
                 enroll(tmp / f"h{k}", url, srv.issue_token(f"hospital-{k}", "hospital"))
@@ -197,8 +175,7 @@ def main() -> None:
             wall = time.perf_counter() - start
             peak_upload = vm_hwm_mb(proc.pid)
         finally:
-            proc.terminate()
-            proc.wait(30)
+            server.stop()
         chunks = [-(-s // int(args.chunk_mb * 2**20)) for s in sizes]
         # chunks whose bytes went out twice: 2 acknowledged + the cut one + what the resumed client sent, beyond the count
         resent = (2 + 1 + answers[0]["chunks_sent"] - chunks[0]) if answers[0] else None

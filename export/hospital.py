@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from edge_runtime.bundle import _verify_signature
 from edge_runtime.errors import BadInput, BundleError, Refused
-from edge_runtime.fsutil import replace_dir, write_atomic
+from edge_runtime.fsutil import replace_dir, sha256_file, write_atomic
 from edge_runtime.manifest import load_case, read_manifest
 from edge_runtime.preprocess import Preprocessing
 from edge_runtime.state import ClinicState
@@ -134,12 +134,17 @@ class Hospital:
         normalisation layers: what `edge-export pipeline --teacher-state` distills from."""
         doc = self._json("GET", "/v1/teacher", b"", "teacher federation")
         folder = self.pull(int(doc["version"]))
-        own = sorted((int(p.stem[1:]), p) for p in (self.root / "norms").glob("r*.safetensors") if p.stem[1:].isdigit())
-        return int(doc["version"]), folder, (own[-1][1] if own else None)
+        own = self.norm_files()
+        return int(doc["version"]), folder, (own[-1] if own else None)
+
+    def norm_files(self, before: int | None = None) -> list[Path]:
+        """The hospital's own normalisation layers after each of its rounds, oldest first (those
+        before round ``before`` only, when given)."""
+        found = sorted((int(p.stem[1:]), p) for p in (self.root / "norms").glob("r*.safetensors") if p.stem[1:].isdigit())
+        return [p for r, p in found if before is None or r < before]
 
     def _own_norms(self, round_number: int) -> dict[str, torch.Tensor] | None:
-        earlier = sorted((int(p.stem[1:]), p) for p in (self.root / "norms").glob("r*.safetensors") if p.stem[1:].isdigit())
-        earlier = [p for r, p in earlier if r < round_number]
+        earlier = self.norm_files(before=round_number)
         return load_file(str(earlier[-1])) if earlier else None
 
     def save_norms(self, round_number: int, state: dict[str, torch.Tensor]) -> None:
@@ -173,12 +178,8 @@ class Hospital:
             key = seal_stream(io.BytesIO(save_numpy({k: np.ascontiguousarray(v, np.float32) for k, v in delta.items()})), sink,
                               public=self.client.hpke, info=info, kem=kem)
             sink.flush()
-        digest = hashlib.sha256()
-        with open(sealed, "rb") as fh:
-            while block := fh.read(1 << 20):
-                digest.update(block)
         side = {"update_id": update_id, "round": round_id, "base_version": base_version, "kem": kem,
-                "stream_key": key.to_dict(), "total_size": sealed.stat().st_size, "sha256": digest.hexdigest(), "meta": meta}
+                "stream_key": key.to_dict(), "total_size": sealed.stat().st_size, "sha256": sha256_file(sealed), "meta": meta}
         write_atomic(outbox / f"{update_id}.json", json.dumps(side, indent=2).encode(), mode=0o600)
         return outbox / f"{update_id}.json"
 

@@ -8,17 +8,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from edge_runtime.fsutil import fsync_dir, sweep_temps, temp_path, write_atomic
-
-READ = 1 << 20
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(READ):
-            digest.update(chunk)
-    return digest.hexdigest()
+from edge_runtime.fsutil import fsync_dir, sha256_file, sweep_temps, temp_path, write_atomic
 
 
 class BlobStore:
@@ -50,7 +40,7 @@ class BlobStore:
         """Move a finished file (fsynced by its writer) into the store: (sha256, size), read once to
         hash it. The file is gone afterwards either way."""
         path = Path(path)
-        sha, size = file_sha256(path), path.stat().st_size
+        sha, size = sha256_file(path), path.stat().st_size
         dest = self.path(sha)
         if dest.exists():
             path.unlink()

@@ -22,7 +22,6 @@ The server holds one chunk in memory, never an update.
 from __future__ import annotations
 
 import errno
-import hashlib
 import logging
 import math
 import os
@@ -34,6 +33,7 @@ from pathlib import Path
 from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
 
+from edge_runtime.fsutil import sha256_file
 from edge_runtime.sync.hpke import KEMS, SealError, update_info
 from federation.sealed_stream import StreamKey, open_stream
 from federation.teacher import sealed_size_bounds
@@ -298,11 +298,7 @@ def _unclaim(srv: Server, upload_id: str) -> None:
 
 
 def _check_stream(srv: Server, row, path: Path, sha256: str) -> float:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            digest.update(block)
-    if digest.hexdigest() != sha256:
+    if sha256_file(path) != sha256:
         raise Refusal(422, f"upload {row.upload_id!r}: the received bytes' SHA-256 is not the one the hospital signed")
     info = update_info(row.clinic, row.round, row.base_version, row.upload_id, row.kem)
     expected = teacher_shapes(srv, row.base_version)

@@ -63,3 +63,30 @@ def micro_bundle_copy(micro_out: Path, tmp_path: Path) -> Path:
     shutil.copytree(micro_out / "bundle", dest)
     shutil.copy(micro_out / "bundle.pub", tmp_path / "bundle.pub")
     return dest
+
+
+# The server tests run on SQLite and on a real PostgreSQL (one throwaway cluster per module, or
+# DWFL_TEST_POSTGRES_URL); on CI a missing PostgreSQL fails, never skips.
+@pytest.fixture(scope="module")
+def pg_base(tmp_path_factory):
+    from .server_util import postgres_base_url
+
+    return postgres_base_url(tmp_path_factory.mktemp("pg"))
+
+
+def require_postgres(pg_base: str | None) -> str:
+    if pg_base is None:
+        if os.environ.get("CI") or os.environ.get("DWFL_REQUIRE_POSTGRES"):
+            pytest.fail("PostgreSQL is required here (set DWFL_TEST_POSTGRES_URL or install postgresql-15)")
+        pytest.skip("no PostgreSQL on this machine (set DWFL_TEST_POSTGRES_URL)")
+    return pg_base
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request, pg_base):
+    """None (SQLite in the server's folder) or a fresh PostgreSQL database's URL."""
+    if request.param == "sqlite":
+        return None
+    from .server_util import fresh_database
+
+    return fresh_database(require_postgres(pg_base))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import subprocess
 import sys
 import time
@@ -21,27 +20,11 @@ import pytest
 
 from edge_runtime.errors import BadInput, Refused
 from edge_runtime.sync import protocol
-from tests.server_util import ROOT, ServerProcess, fresh_database, postgres_base_url
+from tests.server_util import ROOT, ServerProcess
 
 torch = pytest.importorskip("torch")
 
 SITES, CASES, VAL = 3, 24, 8
-
-
-@pytest.fixture(scope="module")
-def pg_base(tmp_path_factory):
-    return postgres_base_url(tmp_path_factory.mktemp("pg"))
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def db_url(request, pg_base):
-    if request.param == "sqlite":
-        return None
-    if pg_base is None:
-        if os.environ.get("CI") or os.environ.get("DWFL_REQUIRE_POSTGRES"):
-            pytest.fail("PostgreSQL is required here (set DWFL_TEST_POSTGRES_URL or install postgresql)")
-        pytest.skip("no PostgreSQL on this machine (set DWFL_TEST_POSTGRES_URL)")
-    return fresh_database(pg_base)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from server.home import Home
 from server.service import Server, raw_public
 
 from .server_util import ServerProcess, edge_server, write_fake_update
-from .test_server import clinic, db_url, head, make_home, pg_base, rounds  # noqa: F401 - fixtures
+from .test_server import clinic, head, make_home, rounds  # noqa: F401 - fixtures
 
 
 def wait_for(predicate, timeout: float = 30.0):

@@ -4,23 +4,12 @@ The scenario is benchmarks/scale_out.py's (the benchmark reports its timings).""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
-from tests.server_util import fresh_database, postgres_base_url
+from tests.conftest import require_postgres
+from tests.server_util import fresh_database
 
 pytest.importorskip("torch")
-
-
-@pytest.fixture(scope="module")
-def pg_base(tmp_path_factory):
-    base = postgres_base_url(tmp_path_factory.mktemp("pg"))
-    if base is None:
-        if os.environ.get("CI") or os.environ.get("DWFL_REQUIRE_POSTGRES"):
-            pytest.fail("PostgreSQL is required here (set DWFL_TEST_POSTGRES_URL or install postgresql)")
-        pytest.skip("no PostgreSQL on this machine (set DWFL_TEST_POSTGRES_URL)")
-    return base
 
 
 def test_two_servers_one_postgres_fifty_clinics_three_hospitals(tmp_path, micro_out, pg_base):
@@ -28,7 +17,7 @@ def test_two_servers_one_postgres_fifty_clinics_three_hospitals(tmp_path, micro_
     from export.hospital import teacher_init
 
     teacher_init(tmp_path / "teacher", config_name="tiny", seed=0, sites=3, cases_per_site=24)
-    f = scenario(tmp_path / "run", bundle=micro_out / "bundle", teacher=tmp_path / "teacher", db_url=fresh_database(pg_base),
+    f = scenario(tmp_path / "run", bundle=micro_out / "bundle", teacher=tmp_path / "teacher", db_url=fresh_database(require_postgres(pg_base)),
                  clinics=50, hospitals=3, lease=2.0)
     c, k = f["concurrent"], f["kill_during_aggregation"]
     assert c["errors"] == 0, c["error_samples"]

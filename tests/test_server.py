@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
 import time
 from dataclasses import replace
@@ -32,26 +31,8 @@ from server.service import Server
 from .server_util import (
     ServerProcess,
     edge_server,
-    fresh_database,
-    postgres_base_url,
     write_fake_update,
 )
-
-
-@pytest.fixture(scope="module")
-def pg_base(tmp_path_factory):
-    return postgres_base_url(tmp_path_factory.mktemp("pg"))
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def db_url(request, pg_base):
-    if request.param == "sqlite":
-        return None
-    if pg_base is None:
-        if os.environ.get("CI") or os.environ.get("DWFL_REQUIRE_POSTGRES"):
-            pytest.fail("PostgreSQL is required here (set DWFL_TEST_POSTGRES_URL or install postgresql-15)")
-        pytest.skip("no PostgreSQL on this machine (set DWFL_TEST_POSTGRES_URL)")
-    return fresh_database(pg_base)
 
 
 @pytest.fixture
