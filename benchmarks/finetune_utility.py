@@ -40,6 +40,7 @@ def main() -> None:
     from edge_runtime.bundle import default_public_key_path, load_bundle
     from edge_runtime.finetune import dpsgd
     from edge_runtime.finetune.head import forward, softmax
+    from edge_runtime.finetune.plan import FinetunePlan
     from edge_runtime.finetune.run import FinetuneOptions
     from edge_runtime.state import bundle_head
     from edge_runtime.keys import load_public_key
@@ -83,28 +84,29 @@ def main() -> None:
     n_val = args.cases // 5
     tr = tuple(a[n_val:] for a in local)
     opts = FinetuneOptions(batch_size=args.batch_size, lr=args.lr)
+    fp = opts.plan(FinetunePlan())  # the rule before federation plans: all parameters, Adam, one round
 
     def auc(params, data=test):
         return roc_auc(data[2] == 1, softmax(forward(params, data[0], data[1]))[:, -1])
 
     read = lambda idx: (tr[0][idx], tr[1][idx], tr[2][idx])  # noqa: E731
     n = len(tr[2])
-    plan = plan_round([], n, opts.batch_size, opts.epochs, opts.meta_noise, opts.epsilon, opts.delta)
+    plan = plan_round([], n, fp.batch_size, fp.epochs, opts.meta_noise, 0.5, 1e-5)
     ev = plan.events
     seeds = [int(s) for s in args.seeds.split(",")]
     before = auc(start)
     nondp, dp = [], []
     for s in seeds:
         rng = np.random.default_rng(s)
-        nondp.append(auc(dpsgd.train(start, n, read, dpsgd.TrainSpec(ev.steps, ev.sampling_rate, 0.0, None, opts.lr), rng)))
+        nondp.append(auc(dpsgd.train(start, n, read, dpsgd.TrainSpec(ev.steps, ev.sampling_rate, 0.0, None, fp.lr), rng)))
         rng = np.random.default_rng(s)
-        dp.append(auc(dpsgd.train(start, n, read, dpsgd.TrainSpec(ev.steps, ev.sampling_rate, ev.noise_multiplier, opts.clip, opts.lr), rng)))
+        dp.append(auc(dpsgd.train(start, n, read, dpsgd.TrainSpec(ev.steps, ev.sampling_rate, ev.noise_multiplier, fp.clip, fp.lr), rng)))
     figures = {
         "auc_before": round(before, 4), "auc_non_dp": round(float(np.mean(nondp)), 4), "auc_dp": round(float(np.mean(dp)), 4),
         "auc_non_dp_by_seed": [round(a, 4) for a in nondp], "auc_dp_by_seed": [round(a, 4) for a in dp],
         "dp_loss_vs_non_dp": round(float(np.mean(nondp) - np.mean(dp)), 4),
-        "epsilon": round(plan.epsilon_after, 4), "delta": opts.delta, "noise_multiplier": round(ev.noise_multiplier, 3),
-        "sampling_rate": round(ev.sampling_rate, 4), "steps": ev.steps, "clip": opts.clip, "meta_noise_multiplier": round(ev.meta_noise_multiplier, 2),
+        "epsilon": round(plan.epsilon_after, 4), "delta": 1e-5, "noise_multiplier": round(ev.noise_multiplier, 3),
+        "sampling_rate": round(ev.sampling_rate, 4), "steps": ev.steps, "clip": fp.clip, "meta_noise_multiplier": round(ev.meta_noise_multiplier, 2),
         "train_cases": n, "validation_cases": n_val, "test_cases": args.test,
         "target": "DP loss <= 0.03 AUC vs non-DP", "pass": bool(np.mean(nondp) - np.mean(dp) <= 0.03),
     }

@@ -24,6 +24,8 @@ TRUSTED_KEY_HELP = ("Ed25519 public key of the bundle signer [default: for a ver
                     "folder at its first verified use].")
 EPSILON_HELP = "Privacy budget of this dataset over the clinic's whole participation [default: the ledger's; 0.5 for a new dataset]."
 DELTA_HELP = "Privacy delta [default: the ledger's; 1e-5 for a new dataset]."
+ROUNDS_HELP = ("Rounds the lifetime budget is split over, this one included (1: spend what is left now) "
+               "[default: the bundle's plan, the same for every clinic of a federation].")
 
 
 def state_option(fn):
@@ -244,18 +246,20 @@ def _select(loaded: Bundle, state: ClinicState, *, threads: int, cases: int, mem
 @click.option("--delta", default=None, type=float, help=DELTA_HELP)
 @click.option("--dataset", default="default", show_default=True, help="Dataset name: one privacy ledger per clinic and dataset.")
 @click.option("--round-epsilon", default=None, type=float, help="Spend at most this much in this round [default: all that is left].")
-@click.option("--epochs", default=10.0, show_default=True, type=float, help="Planned passes over the training cases.")
-@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1, 1_000_000), help="Expected (Poisson) batch size.")
-@click.option("--clip", default=1.0, show_default=True, type=float, help="Per-example gradient norm bound C.")
-@click.option("--lr", default=0.01, show_default=True, type=float, help="Adam learning rate.")
+@click.option("--rounds", default=None, type=click.IntRange(1, 1000), help=ROUNDS_HELP)
+@click.option("--epochs", default=None, type=float, help="Planned passes over the training cases per round [default: the bundle's plan].")
+@click.option("--batch-size", default=None, type=click.IntRange(1, 1_000_000), help="Expected (Poisson) batch size [default: the bundle's plan].")
+@click.option("--clip", default=None, type=float, help="Per-example gradient norm bound C [default: the bundle's plan].")
+@click.option("--lr", default=None, type=float, help="Learning rate [default: the bundle's plan].")
 @click.option("--tolerance", default=0.02, show_default=True, type=float, help="Largest validation AUC drop for the new head to go live.")
 @click.option("--cache-mb", default=512.0, show_default=True, type=float, help="Embedding cache size bound.")
 @click.option("--seed", default=None, type=int, hidden=True, help="Tests only: fixed noise (never in production).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @handle_errors
 def finetune(bundle: Path, trusted_key: Path | None, variant: str | None, threads: int, state_dir: Path, manifest: Path,
-             epsilon: float, delta: float, dataset: str, round_epsilon: float | None, epochs: float, batch_size: int, clip: float,
-             lr: float, tolerance: float, cache_mb: float, seed: int | None, as_json: bool) -> None:
+             epsilon: float, delta: float, dataset: str, round_epsilon: float | None, rounds: int | None, epochs: float | None,
+             batch_size: int | None, clip: float | None, lr: float | None, tolerance: float, cache_mb: float, seed: int | None,
+             as_json: bool) -> None:
     """Fine-tune the head on local labelled cases with DP-SGD, numpy only.
 
     Frozen encoders embed each case once into a cache in the state folder. The privacy ledger plans
@@ -267,7 +271,7 @@ def finetune(bundle: Path, trusted_key: Path | None, variant: str | None, thread
     from .finetune.run import finetune as run_finetune
 
     opts = FinetuneOptions(epsilon=epsilon, delta=delta, dataset=check_name(dataset, "dataset"), round_epsilon=round_epsilon,
-                           epochs=epochs, batch_size=batch_size, clip=clip, lr=lr, tolerance=tolerance, seed=seed,
+                           rounds=rounds, epochs=epochs, batch_size=batch_size, clip=clip, lr=lr, tolerance=tolerance, seed=seed,
                            cache_mb=cache_mb, variant=variant, threads=threads)
     opts.check()
     cases = read_manifest(manifest)
@@ -312,13 +316,15 @@ def rollback(bundle: Path, trusted_key: Path | None, state_dir: Path, as_json: b
 @handle_errors
 def status(state_dir: Path, bundle: Path | None, trusted_key: Path | None, as_json: bool) -> None:
     """Privacy budget spent and left per dataset (recomputed from the ledger's events, at the delta and
-    budget the ledger recorded), active head, outbox."""
+    budget the ledger recorded), active head, pulled versions with their local validation AUC (active,
+    replaced or held back), outbox."""
     st = ClinicState(state_dir)
     report: dict = {"state": str(st.root), "clinic": None, "datasets": [], "outbox": []}
     if st.clinic_file.exists():
         report["clinic"] = st.clinic_id
         report["datasets"] = st.privacy_summaries()
         report["outbox"] = [p.name for p in st.outbox()]
+    report["versions"] = st.version_log()
     if bundle is not None:
         loaded = st.open_bundle(bundle, trusted_key)
         head = st.active_head(loaded)
@@ -336,6 +342,9 @@ def status(state_dir: Path, bundle: Path | None, trusted_key: Path | None, as_js
         click.echo("no privacy budget spent yet")
     if bundle is not None:
         click.echo(f"active head: {report['active_head'] or 'the bundle head'}")
+    for v in report["versions"]:
+        auc = f"local validation AUC {v['val_auc']:.4f}" if v.get("scored") else "not scored"
+        click.echo(f"version {v['version']} ({v['model_version']}): {v['status']}, {auc}" + (f" ({v['reason']})" if v.get("reason") else ""))
     click.echo(f"outbox: {len(report['outbox'])} update(s)")
 
 
@@ -416,9 +425,12 @@ def enroll(state_dir: Path, url: str, token: str, kem: str, as_json: bool) -> No
 @click.option("--delta", default=None, type=float, help=DELTA_HELP)
 @click.option("--round-epsilon", default=None, type=float, help="Spend at most this much per round [default: all that is left].")
 @click.option("--dataset", default="default", show_default=True, help="Dataset name (one privacy ledger each).")
-@click.option("--epochs", default=10.0, show_default=True, type=float)
-@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1, 1_000_000))
-@click.option("--lr", default=0.01, show_default=True, type=float)
+@click.option("--rounds", default=None, type=click.IntRange(1, 1000), help=ROUNDS_HELP)
+@click.option("--epochs", default=None, type=float, help="Passes over the training cases per round [default: the bundle's plan].")
+@click.option("--batch-size", default=None, type=click.IntRange(1, 1_000_000), help="[default: the bundle's plan]")
+@click.option("--lr", default=None, type=float, help="[default: the bundle's plan]")
+@click.option("--tolerance", default=0.02, show_default=True, type=float,
+              help="Largest validation AUC drop for a new head or a pulled version to go live.")
 @click.option("--retries", default=5, show_default=True, type=click.IntRange(0, 100), help="Tries after the first, with exponential backoff.")
 @click.option("--backoff", default=1.0, show_default=True, type=click.FloatRange(0, 600), help="First wait between tries (seconds).")
 @click.option("--timeout", default=60.0, show_default=True, type=click.FloatRange(0.1, 3600), help="Seconds per HTTP request.")
@@ -426,18 +438,19 @@ def enroll(state_dir: Path, url: str, token: str, kem: str, as_json: bool) -> No
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @handle_errors
 def sync(state_dir: Path, url: str | None, manifest: Path | None, epsilon: float | None, delta: float | None, round_epsilon: float | None,
-         dataset: str, epochs: float, batch_size: int, lr: float, retries: int, backoff: float, timeout: float,
-         seed: int | None, as_json: bool) -> None:
+         dataset: str, rounds: int | None, epochs: float | None, batch_size: int | None, lr: float | None, tolerance: float,
+         retries: int, backoff: float, timeout: float, seed: int | None, as_json: bool) -> None:
     """Upload pending updates, pull the latest global model (verified), and with --manifest fine-tune
     with DP and upload a sealed, signed update for the open round. Made for cron / systemd timers /
     Task Scheduler: safe to run at any time, does nothing twice. Exit 1 when the server refused."""
     from .finetune.run import FinetuneOptions
     from .finetune.run import finetune as run_finetune
+    from .sync.activation import decide
     from .sync.client import Client, contributed
 
     cases = read_manifest(manifest) if manifest is not None else None
     opts = FinetuneOptions(epsilon=epsilon, delta=delta, dataset=check_name(dataset, "dataset"), round_epsilon=round_epsilon,
-                           epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+                           rounds=rounds, epochs=epochs, batch_size=batch_size, lr=lr, tolerance=tolerance, seed=seed)
     opts.check()
     state = ClinicState(state_dir)
     client = Client(state, url, retries, backoff, timeout)
@@ -446,6 +459,7 @@ def sync(state_dir: Path, url: str | None, manifest: Path | None, epsilon: float
     status = client.get_json("/v1/model")
     bundle = client.pull(int(status["version"]))
     report.update(version=int(status["version"]), model_version=bundle.model_version, bundle=str(bundle.root))
+    report["activation"] = decide(client, bundle, int(status["version"]), cases, opts)  # scored on the local split first
     rnd = status.get("round") or {}
     report["round"] = rnd.get("id")
     if cases is None:
@@ -469,6 +483,11 @@ def sync(state_dir: Path, url: str | None, manifest: Path | None, epsilon: float
         click.echo(json.dumps(report, indent=2))
     else:
         click.echo(f"clinic {report['clinic']}: model version {report['version']} ({report['model_version']}), round {report['round']}")
+        act = report["activation"]
+        auc = f"local validation AUC {act['val_auc']:.4f}" if act.get("scored") else "not scored"
+        click.echo(f"version {act['version']}: {act['status']} ({auc}" + (f"; in use v{act['in_use_version']}: {act['in_use_val_auc']:.4f}"
+                                                                        if "in_use_val_auc" in act else "") + ")"
+                   + (f": {act['reason']}" if act.get("reason") else ""))
         ft = report["finetune"]
         click.echo(f"fine-tune: {ft if isinstance(ft, str) else ft['update_id']}")
         for u in report["uploads"]:

@@ -9,7 +9,9 @@
     STATE/signer.pub                  the bundle signer's key, pinned at its first verified use
     STATE/sync/                       enrollment: clinic_ed25519.pem, server.json, server.pub (the pinned
                                       server key), pending/ID.json and sent/ID.json (uploads)
-    STATE/bundles/vN/, current.json   verified global model versions pulled from the server
+    STATE/bundles/vN/, current.json   verified global model versions pulled from the server; current.json
+                                      names the one in use, versions.json each pulled version's local
+                                      validation AUC and whether it went live or was held back
 
 Every file is written atomically (temporary name, fsync, rename); heads.json is replaced last, so a
 crash leaves the previous active head in force. Default folder: $EDGE_RUN_STATE or ~/.dwfl-edge.
@@ -98,6 +100,7 @@ class ClinicState:
     pending_dir = property(lambda self: self.sync_dir / "pending")
     sent_dir = property(lambda self: self.sync_dir / "sent")
     bundles_dir = property(lambda self: self.root / "bundles")
+    versions_file = property(lambda self: self.root / "bundles" / "versions.json")
 
     def version_dir(self, version: int) -> Path:
         return self.bundles_dir / f"v{int(version)}"
@@ -223,6 +226,26 @@ class ClinicState:
 
     def set_current_version(self, version: int, folder: Path) -> None:
         write_atomic(self.bundles_dir / "current.json", json.dumps({"version": int(version), "folder": folder.name}).encode())
+
+    def version_log(self) -> list[dict]:
+        """What sync decided about each pulled version (scored on the local validation split, activated
+        or held back), oldest first."""
+        path = self.versions_file
+        if not path.exists():
+            return []
+        try:
+            doc = json.loads(path.read_text())
+            if not isinstance(doc.get("versions"), list):
+                raise ValueError("no version list")
+            return doc["versions"]
+        except (OSError, ValueError, AttributeError) as exc:
+            raise BadInput(f"{path}: unreadable ({exc})") from exc
+
+    def record_version(self, entry: dict) -> None:
+        """Add or replace the entry of ``entry["version"]`` (atomically)."""
+        log = [e for e in self.version_log() if e.get("version") != entry["version"]]
+        log = sorted([*log, entry], key=lambda e: int(e["version"]))
+        write_atomic(self.versions_file, json.dumps({"versions": log}, indent=1).encode())
 
     # ------------------------------------------------------------ variant pin
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from edge_runtime.errors import BadInput
+from edge_runtime.finetune.plan import FEDERATED_PLAN, FinetunePlan
 from edge_runtime.synthetic import InputSpec
 from federation.aggregation import DEFAULT_STRATEGY
 
@@ -59,6 +60,7 @@ class PipelineConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     n_sites: int = 4
     classes: tuple[str, ...] = ("negative", "positive")
+    finetune: FinetunePlan = FEDERATED_PLAN  # what the clinics of the bundle's federation train, signed in the bundle
 
     def with_train(self, **changes) -> "PipelineConfig":
         return replace(self, train=replace(self.train, **changes))

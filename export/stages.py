@@ -430,6 +430,7 @@ def manifest_body(
         "selection": selection,
         "metrics": {"test_cases": n_test, "auc": auc, "parameters": params},
         "budgets": selection["budgets"],
+        "finetune": cfg.finetune.to_dict(),
     }
 
 

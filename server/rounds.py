@@ -33,6 +33,7 @@ from sqlalchemy.exc import DBAPIError
 from edge_runtime import MODALITIES
 from edge_runtime.errors import BadInput
 from edge_runtime.finetune.head import params_bytes
+from edge_runtime.finetune.plan import FinetunePlan, trainable_subset
 from edge_runtime.sync import update as codec
 from federation.aggregation import ClientUpdate, UpdateMeta, l2_norm, unpublishable
 
@@ -170,12 +171,22 @@ def aggregation_report(srv: Server, result, strategy) -> dict:
             "strategy": {"name": strategy.name, **save_state(srv, strategy.state_dict())}}
 
 
+def aggregate_head(strategy, global_params: dict[str, np.ndarray], updates: list[ClientUpdate], plan: FinetunePlan):
+    """The head federation's aggregation, one home (the server and the federation simulation): the
+    strategy over the plan's trainable parameters, the others kept as they are. Its result's
+    ``params`` is the whole new head."""
+    result = strategy.aggregate(trainable_subset(global_params, plan), updates, branch_of)
+    result.params = {**global_params, **result.params}
+    return result
+
+
 def head_version(srv: Server, rnd, rows) -> Publication:
     """The head federation's new version: the aggregated head.npz in a copy of the base bundle."""
     base = srv.manifest(rnd.base_version)
     global_params = srv.head_params(rnd.base_version)
-    strategy = srv.strategy_for(global_params, saved_state(srv, rnd.base_version))
-    result = strategy.aggregate(global_params, stored_updates(srv, rows), branch_of)
+    plan = FinetunePlan.of_manifest(base, f"version {rnd.base_version}")
+    strategy = srv.strategy_for(trainable_subset(global_params, plan), saved_state(srv, rnd.base_version))
+    result = aggregate_head(strategy, global_params, stored_updates(srv, rows), plan)
     report = aggregation_report(srv, result, strategy)
     weights_name = base["head"]["weights"]
     files = {name: srv.blobs.get(meta["sha256"]) for name, meta in base["files"].items() if name != weights_name}

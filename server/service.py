@@ -24,6 +24,7 @@ from sqlalchemy.exc import IntegrityError
 from edge_runtime.bundle import load_bundle, sign_manifest
 from edge_runtime.errors import BadInput
 from edge_runtime.finetune.head import params_from_bytes
+from edge_runtime.finetune.plan import FinetunePlan, trainable_subset
 from edge_runtime.keys import key_id
 from edge_runtime.sync import protocol
 from edge_runtime.sync import update as codec
@@ -71,6 +72,21 @@ def raw_public(key: Ed25519PublicKey) -> bytes:
     return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
+def configured_strategy(config: Config, head: dict[str, np.ndarray], state: dict[str, np.ndarray] | None = None,
+                        federation: str = "head") -> Strategy:
+    """The strategy ``config`` names for a round on ``head`` (see Server.strategy_for): one home for the
+    server and the federation simulation."""
+    size = sum(int(v.size) for v in head.values())
+    rules = config.rules(federation)
+    strategy = build_strategy(rules.strategy, config.strategy_settings(max_clip=config.update_clip_rms * math.sqrt(size),
+                                                                       federation=federation))
+    try:
+        strategy.load_state_dict(state or {})
+    except BadInput as exc:  # e.g. written by another version of the rule: go on without it, say so
+        log.warning("strategy state saved with the base version does not load (%s); starting afresh", exc)
+    return strategy
+
+
 class Server:
     def __init__(self, home: Home, db_url: str | None = None) -> None:
         self.home = home
@@ -93,15 +109,7 @@ class Server:
         Config.check), with the fixed clip ceiling C_max = update_clip_rms x sqrt(parameters), an RMS
         change per parameter that no update can raise; ``state`` is what the strategy kept when it
         made the round's base version (rounds.saved_state)."""
-        size = sum(int(v.size) for v in head.values())
-        rules = self.config.rules(federation)
-        strategy = build_strategy(rules.strategy, self.config.strategy_settings(max_clip=self.config.update_clip_rms * math.sqrt(size),
-                                                                                federation=federation))
-        try:
-            strategy.load_state_dict(state or {})
-        except BadInput as exc:  # e.g. written by another version of the rule: go on without it, say so
-            log.warning("strategy state saved with the base version does not load (%s); starting afresh", exc)
-        return strategy
+        return configured_strategy(self.config, head, state, federation)
 
     # ------------------------------------------------------------ enrollment
 
@@ -342,6 +350,7 @@ class Server:
         bundle = load_bundle(bundle_dir, trusted_key)
         if "weights" not in bundle.manifest.get("head", {}):
             raise BadInput(f"{bundle_dir}: bundle has no head weights (head.npz) to federate")
+        FinetunePlan.of_manifest(bundle.manifest, str(bundle_dir))  # a plan clinics could not follow is refused here
         body = {k: v for k, v in bundle.manifest.items() if k not in ("signature", "files")}
         files = {name: bundle.path(name).read_bytes() for name in bundle.manifest["files"]}
         with self.engine.begin() as conn:
@@ -415,7 +424,9 @@ class Server:
     def check_update(self, plain: bytes, env: protocol.Envelope) -> codec.Summary:
         """Decode and validate the opened update against the head it was trained on: names, shapes,
         finite values, metadata, the federation's bounds on what a clinic may claim; the summary aggregation needs (norm included), computed once here."""
-        reference = self.head_params(env.base_version)
+        # the plan's trainable parameters of the head it was trained on: nothing else may change
+        reference = trainable_subset(self.head_params(env.base_version),
+                                     FinetunePlan.of_manifest(self.manifest(env.base_version), f"version {env.base_version}"))
         try:
             summary = codec.validate(codec.decode(plain, codec.size_limit(reference)), reference, env.update_id,
                                      bounds=self.bounds)

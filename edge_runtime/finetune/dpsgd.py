@@ -1,6 +1,6 @@
 """DP-SGD on the numpy head (DESIGN §5): Poisson sampling, per-example clipping to norm C, Gaussian
-noise sigma * C on the clipped sum, divided by the expected batch size q * n; Adam on the result
-(post-processing: it costs no privacy). Pure functions plus one loop; every random draw comes from
+noise sigma * C on the clipped sum, divided by the expected batch size q * n; Adam or plain SGD on
+the result (post-processing: it costs no privacy). Pure functions plus one loop; every random draw comes from
 the generator it is given."""
 
 from __future__ import annotations
@@ -56,6 +56,19 @@ class TrainSpec:
     lr: float = 0.01
     betas: tuple[float, float] = (0.9, 0.999)
     trainable: tuple[str, ...] = ()  # parameter names; empty = all
+    optimizer: str = "adam"  # "adam", or "sgd": linear in the noise, so averaging clinics' deltas averages their noise
+
+
+OPTIMIZERS = ("adam", "sgd")
+
+
+class SGD:
+    def __init__(self, lr: float) -> None:
+        self.lr = lr
+
+    def step(self, params: Params, grads: Params) -> None:
+        for n, g in grads.items():
+            params[n] = params[n] - self.lr * g
 
 
 class Adam:
@@ -83,7 +96,7 @@ def train(params: Params, n: int, read: ReadBatch, spec: TrainSpec, rng: np.rand
     (float64 while training), ``params`` is left untouched."""
     params = {k: np.asarray(v, dtype=np.float64).copy() for k, v in params.items()}
     names = list(spec.trainable) or sorted(params)
-    opt = Adam(params, names, spec.lr, spec.betas)
+    opt = Adam(params, names, spec.lr, spec.betas) if spec.optimizer == "adam" else SGD(spec.lr)
     expected = spec.sampling_rate * n
     for step in range(spec.steps):
         batch = poisson_sample(rng, n, spec.sampling_rate)
@@ -91,7 +104,7 @@ def train(params: Params, n: int, read: ReadBatch, spec: TrainSpec, rng: np.rand
         clipped = 0
         for start in range(0, len(batch), MICROBATCH):
             emb, mask, labels = read(batch[start:start + MICROBATCH])
-            _, grads = per_example_grads(params, emb.astype(np.float64), mask.astype(np.float64), labels)
+            _, grads = per_example_grads(params, emb.astype(np.float64), mask.astype(np.float64), labels, names)
             part, norms = clipped_sum(grads, names, spec.clip)
             clipped += int((norms > spec.clip).sum()) if spec.clip is not None else 0
             for k in names:

@@ -13,6 +13,7 @@ Parameters are a dict of arrays under the StudentHead state-dict names (``head.n
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -122,14 +123,19 @@ def losses(params: Params, emb: np.ndarray, mask: np.ndarray, labels: np.ndarray
     return -logp[np.arange(len(labels)), labels]
 
 
-def per_example_grads(params: Params, emb: np.ndarray, mask: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, Params]:
-    """Per-example losses (B,) and gradients {name: (B, *shape)} of each example's own loss."""
+def per_example_grads(params: Params, emb: np.ndarray, mask: np.ndarray, labels: np.ndarray,
+                      names: Sequence[str] | None = None) -> tuple[np.ndarray, Params]:
+    """Per-example losses (B,) and gradients {name: (B, *shape)} of each example's own loss; with
+    ``names``, the backward pass stops once those are done (the classifier alone needs no more)."""
     logits, c = forward(params, emb, mask, keep=True)
     b = len(labels)
     dz = softmax(logits)
     losses_ = -np.log(np.maximum(dz[np.arange(b), labels], 1e-300))
     dz[np.arange(b), labels] -= 1.0  # d loss_b / d logits_b
     g: Params = {"classifier.weight": dz[:, :, None] * c["fused"][:, None, :], "classifier.bias": dz}
+    wanted = set(params) if names is None else set(names)
+    if wanted <= set(g):
+        return losses_, g
     dfused = dz @ params["classifier.weight"]  # (B, d)
     tokens, alpha = c["tokens"], c["alpha"]
     dalpha = np.einsum("bd,bmd->bm", dfused, tokens)
@@ -145,6 +151,8 @@ def per_example_grads(params: Params, emb: np.ndarray, mask: np.ndarray, labels:
         g[f"fusion.{name}.weight"] = np.einsum("bmk,bmd->bkd", d, tokens)
         g[f"fusion.{name}.bias"] = d.sum(axis=1)
         dtokens += d @ params[f"fusion.{name}.weight"]
+    if wanted <= set(g):
+        return losses_, g
     dpre = dtokens * (c["pre"] > 0)
     for i in range(tokens.shape[1]):
         g[f"adapters.{i}.lin.weight"] = dpre[:, i, :, None] * c["emb"][:, i, None, :]

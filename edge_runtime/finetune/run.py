@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 
 import numpy as np
@@ -32,13 +32,14 @@ from ..manifest import Manifest, load_case, parse_label
 from ..metrics import roc_auc
 from ..model import EdgeModel
 from ..preprocess import prepare_case
-from ..privacy.accountant import BudgetExhausted, epsilon, plan_round
+from ..privacy.accountant import BudgetExhausted, RoundEvents, epsilon, plan_round
 from ..profiling import peak_rss_mb
 from ..progress import progress
-from ..state import ClinicState, bundle_head, bundle_head_key
+from ..state import ActiveHead, ClinicState, bundle_head, bundle_head_key
 from . import dpsgd
 from .cache import EmbeddingCache, encoder_key, fingerprint
 from .head import Params, forward, losses, softmax
+from .plan import FinetunePlan
 
 EVAL_CHUNK = 512
 
@@ -48,11 +49,13 @@ class FinetuneOptions:
     epsilon: float | None = None  # the clinic's whole participation, this dataset (None: the ledger's; 0.5 for a new one)
     delta: float | None = None  # None: the ledger's (1e-5 for a new one)
     dataset: str = "default"
-    round_epsilon: float | None = None  # at most this much in this round (None: all that is left)
-    epochs: float = 10.0
-    batch_size: int = 256  # expected (Poisson) batch size: q = batch_size / n_train
-    clip: float = 1.0  # C
-    lr: float = 0.01
+    round_epsilon: float | None = None  # at most this much in this round (None: the plan's share of what is left)
+    # None: the bundle's fine-tuning plan (FinetunePlan; a bundle without one: 10 epochs, batch 256, C 1, lr 0.01, 1 round)
+    epochs: float | None = None
+    batch_size: int | None = None  # expected (Poisson) batch size: q = min(1, batch_size / n_train)
+    clip: float | None = None  # C
+    lr: float | None = None
+    rounds: int | None = None  # rounds the lifetime budget is split over (1: spend it all now)
     val_fraction: float = 0.2
     tolerance: float = 0.02  # validation AUC may fall at most this much for the new head to go live
     meta_noise: float = 20.0  # noise multiplier of the metadata release
@@ -69,9 +72,16 @@ class FinetuneOptions:
             raise BadInput(f"--delta must be in (0, 0.01), got {self.delta:g}")
         if self.round_epsilon is not None and self.round_epsilon <= 0:
             raise BadInput(f"--round-epsilon must be > 0, got {self.round_epsilon:g}")
-        if not (self.epochs > 0 and self.batch_size >= 1 and self.clip > 0 and self.lr > 0 and 0 < self.val_fraction < 1
-                and self.tolerance >= 0 and self.meta_noise > 0 and self.cache_mb > 0):
-            raise BadInput("fine-tuning options out of range (epochs, batch size, clip, lr, cache > 0; validation fraction in (0, 1))")
+        given = [v for v in (self.epochs, self.batch_size, self.clip, self.lr, self.rounds) if v is not None]
+        if not (all(v > 0 for v in given) and 0 < self.val_fraction < 1 and self.tolerance >= 0 and self.meta_noise > 0
+                and self.cache_mb > 0):
+            raise BadInput("fine-tuning options out of range (epochs, batch size, clip, lr, rounds, cache > 0; "
+                           "validation fraction in (0, 1))")
+
+    def plan(self, bundle_plan: FinetunePlan) -> FinetunePlan:
+        """The bundle's plan with the options given here in its place (checked)."""
+        chosen = {k: getattr(self, k) for k in ("epochs", "batch_size", "clip", "lr", "rounds") if getattr(self, k) is not None}
+        return replace(bundle_plan, **chosen).check("fine-tuning options")
 
 
 @dataclass
@@ -196,10 +206,85 @@ def released_sigma(sigma: float) -> float:
     return max(SIGMA_STEP, float(np.floor(sigma / SIGMA_STEP) * SIGMA_STEP))
 
 
+def train_round(start: Params, *, plan: FinetunePlan, events: RoundEvents, n_train: int, read: dpsgd.ReadBatch,
+                rng: np.random.Generator, modality_counts: np.ndarray, n_val: int, val_losses: np.ndarray,
+                loss_clip: float, on_step=None) -> tuple[Params, dict]:
+    """One clinic round after planning and charging: DP-SGD of the plan's trainable parameters, then
+    the metadata release, both from ``rng`` in this order (the federation simulation runs this very
+    function, so one simulated round equals one round through `edge-run sync`)."""
+    spec = dpsgd.TrainSpec(events.steps, events.sampling_rate, events.noise_multiplier, plan.clip, plan.lr,
+                           trainable=tuple(plan.names(start)), optimizer=plan.optimizer)
+    new_params = dpsgd.train(start, n_train, read, spec, rng, on_step=on_step)
+    meta = noisy_metadata(rng, n_train, modality_counts, n_val, val_losses, events.meta_noise_multiplier, loss_clip)
+    return new_params, meta
+
+
+def update_delta(new_params: Params, start: Params, plan: FinetunePlan) -> Params:
+    """What an update carries: the change of the plan's trainable parameters only (float32)."""
+    return {k: (new_params[k] - start[k]).astype(np.float32) for k in plan.names(start)}
+
+
+@dataclass
+class LocalSplit:
+    """A clinic's labelled cases as rows of its embedding cache, split into training and validation."""
+
+    cache: EmbeddingCache
+    train_rows: np.ndarray
+    train_labels: np.ndarray
+    val_rows: np.ndarray
+    val_labels: np.ndarray
+    rejected: dict[str, str]
+    variant: str
+    variant_reason: str
+    active: ActiveHead  # the head this clinic runs for the bundle now
+
+
+def local_split(bundle: Bundle, manifest: Manifest, state: ClinicState, opts: FinetuneOptions, labelled: Labelled,
+                log=lambda s: None) -> LocalSplit:
+    """Embed the labelled cases not cached yet with the frozen encoders of the variant this PC runs
+    (ClinicState.model_for), one case at a time; the stable per-case split (both classes in each part)."""
+    start_params, dim, _ = bundle_head(bundle)
+    model = state.model_for(bundle, opts.variant, opts.threads)
+    enc_files = {v["name"]: v["encoders"] for v in bundle.manifest["variants"]}[model.variant]
+    cache = EmbeddingCache(state.cache_dir, encoder_key(bundle.manifest, model.variant, enc_files), dim, len(MODALITIES), opts.cache_mb)
+    if cache.dim != int(start_params["classifier.weight"].shape[1]):
+        raise BadInput(f"{cache.folder}: cache embeddings have dimension {cache.dim}, the bundle head expects {dim}")
+    if len(labelled.case_ids) > cache.capacity:
+        raise BadInput(f"{manifest.path}: {len(labelled.case_ids)} cases do not fit the {opts.cache_mb:g} MB cache; raise --cache-mb")
+    row_of, rejected = fill_cache(model, bundle, manifest, cache, set(labelled.case_ids), log)
+    keep = [i for i, c in enumerate(labelled.case_ids) if c in row_of]
+    ids = [labelled.case_ids[i] for i in keep]
+    labels = labelled.labels[keep]
+    rows = np.array([row_of[c] for c in ids], dtype=np.int64)
+    val = validation_split(state.clinic_id, list(ids), labels, opts.val_fraction)
+    split = LocalSplit(cache, rows[~val], labels[~val], rows[val], labels[val], rejected, model.variant, model.variant_reason,
+                       model.active_head)
+    if len(split.train_rows) < 10 or len(split.val_rows) < 4 or len(np.unique(split.val_labels)) < 2 \
+            or len(np.unique(split.train_labels)) < 2:
+        cache.close()
+        raise BadInput(f"{manifest.path}: too few usable labelled cases ({len(split.train_rows)} training, {len(split.val_rows)} "
+                       f"validation, {len(rejected)} rejected) for a round with both classes in each split")
+    return split
+
+
+def score_heads(bundle: Bundle, manifest: Manifest, state: ClinicState, opts: FinetuneOptions, heads: dict[str, Params],
+                log=lambda s: None) -> dict:
+    """Validation AUC and loss of each head on the clinic's local validation split (the one fine-tuning
+    holds out), with ``bundle``'s encoders; nothing is trained, nothing spent."""
+    split = local_split(bundle, manifest, state, opts, check_labels(manifest, bundle.classes), log)
+    try:
+        scores = {name: evaluate(params, split.cache, split.val_rows, split.val_labels) for name, params in heads.items()}
+    finally:
+        split.cache.close()
+    return {"validation_cases": int(len(split.val_rows)),
+            **{name: {"auc": round(e["auc"], 4), "loss": round(e["loss"], 4)} for name, e in scores.items()}}
+
+
 def finetune(bundle: Bundle, manifest: Manifest, state: ClinicState, opts: FinetuneOptions, log=lambda s: None) -> dict:
     opts.check()
     t0 = time.perf_counter()
     labelled = check_labels(manifest, bundle.classes)
+    plan = opts.plan(FinetunePlan.of_manifest(bundle.manifest, str(bundle.root)))
     start_params, dim, n_classes = bundle_head(bundle)
     ledger = state.ledger(opts.dataset, epsilon_total=opts.epsilon, delta=opts.delta)  # its own budget and delta
     clinic, eps_total, delta_ = state.clinic_id, ledger.epsilon_total, ledger.delta
@@ -207,31 +292,11 @@ def finetune(bundle: Bundle, manifest: Manifest, state: ClinicState, opts: Finet
         raise Refused(f"privacy budget spent for dataset {opts.dataset!r}: epsilon {ledger.spent():.4f} of {eps_total:g} "
                       f"(delta {delta_:g}); nothing trained, nothing sent")
 
-    # 2. embeddings (frozen encoders of the variant this PC runs, one case at a time) into the cache
-    model = state.model_for(bundle, opts.variant, opts.threads)
-    active = model.active_head
-    variant = model.variant
-    enc_files = {v["name"]: v["encoders"] for v in bundle.manifest["variants"]}[variant]
-    cache = EmbeddingCache(state.cache_dir, encoder_key(bundle.manifest, variant, enc_files), dim, len(MODALITIES), opts.cache_mb)
-    if cache.dim != int(start_params["classifier.weight"].shape[1]):
-        raise BadInput(f"{cache.folder}: cache embeddings have dimension {cache.dim}, the bundle head expects {dim}")
-    if len(labelled.case_ids) > cache.capacity:
-        raise BadInput(f"{manifest.path}: {len(labelled.case_ids)} cases do not fit the {opts.cache_mb:g} MB cache; raise --cache-mb")
-    row_of, rejected = fill_cache(model, bundle, manifest, cache, set(labelled.case_ids), log)
-    model_reason = model.variant_reason
-    del model
-    t_embed = time.perf_counter() - t0
-
-    # 3. split, starting point
-    keep = [i for i, c in enumerate(labelled.case_ids) if c in row_of]
-    ids = [labelled.case_ids[i] for i in keep]
-    labels = labelled.labels[keep]
-    rows = np.array([row_of[c] for c in ids], dtype=np.int64)
-    val = validation_split(clinic, list(ids), labels, opts.val_fraction)
-    tr_rows, tr_labels, va_rows, va_labels = rows[~val], labels[~val], rows[val], labels[val]
-    if len(tr_rows) < 10 or len(va_rows) < 4 or len(np.unique(va_labels)) < 2 or len(np.unique(tr_labels)) < 2:
-        raise BadInput(f"{manifest.path}: too few usable labelled cases ({len(tr_rows)} training, {len(va_rows)} validation, "
-                       f"{len(rejected)} rejected) for a round with both classes in each split")
+    # 2-3. embeddings into the cache, the split
+    split = local_split(bundle, manifest, state, opts, labelled, log)
+    cache, active, variant = split.cache, split.active, split.variant
+    tr_rows, tr_labels, va_rows, va_labels, rejected = split.train_rows, split.train_labels, split.val_rows, split.val_labels, split.rejected
+    model_reason, t_embed = split.variant_reason, time.perf_counter() - t0
     start_eval = evaluate(start_params, cache, va_rows, va_labels)
     # the head in force before this round (fine-tuned, or the bundle's: head.npz = head.onnx, tested)
     active_eval = evaluate(active.params, cache, va_rows, va_labels) if active.source == "fine-tuned" else start_eval
@@ -239,31 +304,32 @@ def finetune(bundle: Bundle, manifest: Manifest, state: ClinicState, opts: Finet
 
     # 4. plan, charge (fsync), train
     try:
-        plan = plan_round(ledger.rounds, len(tr_rows), opts.batch_size, opts.epochs, opts.meta_noise,
-                          eps_total, delta_, opts.round_epsilon)
+        budget = plan_round(ledger.rounds, len(tr_rows), plan.batch_size, plan.epochs, opts.meta_noise,
+                            eps_total, delta_, opts.round_epsilon, rounds_left=max(1, plan.rounds - len(ledger.rounds)))
     except BudgetExhausted as exc:
         raise Refused(f"{exc}; nothing trained, nothing sent") from exc
     round_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
     ledger.open_head()  # first: a dataset registered without a ledger head was deleted, not interrupted
     state.register_dataset(opts.dataset)
-    ledger.charge(round_id, plan.events)  # fsynced before anything derived from this round exists
+    events = budget.events
+    ledger.charge(round_id, events)  # fsynced before anything derived from this round exists
     rng = np.random.default_rng(opts.seed)
-    spec = dpsgd.TrainSpec(plan.events.steps, plan.events.sampling_rate, plan.events.noise_multiplier, opts.clip, opts.lr)
 
     def read(idx: np.ndarray):
         emb, mask = cache.read(tr_rows[idx])
         return emb, mask, tr_labels[idx]
 
     t1 = time.perf_counter()
-    with progress(f"DP-SGD ({spec.steps} steps)", spec.steps) as advance:
-        new_params = dpsgd.train(start_params, len(tr_rows), read, spec, rng, on_step=lambda _s, _i: advance(1))
+    with progress(f"DP-SGD ({events.steps} steps)", events.steps) as advance:
+        new_params, meta_release = train_round(
+            start_params, plan=plan, events=events, n_train=len(tr_rows), read=read, rng=rng, modality_counts=modality_counts,
+            n_val=len(va_rows), val_losses=start_eval["losses"], loss_clip=opts.loss_clip, on_step=lambda _s, _i: advance(1))
     t_train = time.perf_counter() - t1
-    meta_release = noisy_metadata(rng, len(tr_rows), modality_counts, len(va_rows), start_eval["losses"], plan.events.meta_noise_multiplier, opts.loss_clip)
 
     # 5. update out (atomic), then the local switch
     new_eval = evaluate(new_params, cache, va_rows, va_labels)
     cache.close()
-    delta = {k: (new_params[k] - start_params[k]).astype(np.float32) for k in start_params}
+    delta = update_delta(new_params, start_params, plan)
     update_id = f"{clinic}-{round_id}"
     meta = {
         "update_id": update_id, "clinic": clinic, "dataset": opts.dataset, "round_id": round_id,
@@ -271,8 +337,8 @@ def finetune(bundle: Bundle, manifest: Manifest, state: ClinicState, opts: Finet
         # q = batch / n_train and the steps would give the server n_train exactly, undoing the noise on
         # n; sigma (a function of q for a given budget) goes out coarsened, enough for the server's
         # minimum-noise check. The exact figures stay in the local report and the ledger.
-        "noise_multiplier": released_sigma(plan.events.noise_multiplier), "clip": opts.clip,
-        "meta_noise_multiplier": plan.events.meta_noise_multiplier, "delta": delta_,
+        "noise_multiplier": released_sigma(events.noise_multiplier), "clip": plan.clip,
+        "meta_noise_multiplier": events.meta_noise_multiplier, "delta": delta_, "trainable": plan.trainable,
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     update_path = state.write_update(update_id, delta, meta)
@@ -290,9 +356,10 @@ def finetune(bundle: Bundle, manifest: Manifest, state: ClinicState, opts: Finet
                        "loss_new": round(new_eval["loss"], 4), "tolerance": opts.tolerance},
         "activated": accepted,
         "active_before": active.round_id,
-        "privacy": {"noise_multiplier": round(plan.events.noise_multiplier, 4), "sampling_rate": round(plan.events.sampling_rate, 5),
-                    "steps": plan.events.steps, "clip": opts.clip, "meta_noise_multiplier": plan.events.meta_noise_multiplier,
-                    "epsilon_round": round(epsilon([plan.events], delta_), 6), **ledger.summary()},
+        "privacy": {"noise_multiplier": round(events.noise_multiplier, 4), "sampling_rate": round(events.sampling_rate, 5),
+                    "steps": events.steps, "clip": plan.clip, "meta_noise_multiplier": events.meta_noise_multiplier,
+                    "epsilon_round": round(epsilon([events], delta_), 6), **ledger.summary()},
+        "plan": {**plan.to_dict(), "round": len(ledger.rounds)},
         "released": meta_release,
         "seconds": {"embed": round(t_embed, 2), "train": round(t_train, 2), "total": round(time.perf_counter() - t0, 2)},
         "peak_rss_mb": round(peak_rss_mb(), 1),

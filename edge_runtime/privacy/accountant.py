@@ -9,6 +9,7 @@ composition of every round it ever ran, at its fixed delta.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import asdict, dataclass
 
 import dp_accounting
@@ -55,7 +56,9 @@ def epsilon(rounds: list[RoundEvents], delta: float) -> float:
     if not rounds:
         return 0.0
     acc = rdp.RdpAccountant()
-    acc.compose(dp_accounting.ComposedDpEvent([r.dp_event() for r in rounds]))
+    # identical rounds (a federation's plan repeats one) self-composed: their RDP is computed once
+    counts = Counter(rounds)
+    acc.compose(dp_accounting.ComposedDpEvent([dp_accounting.SelfComposedDpEvent(r.dp_event(), k) for r, k in counts.items()]))
     return float(acc.get_epsilon(delta))
 
 
@@ -90,17 +93,34 @@ def meta_noise_for(z_min: float, eps_max: float, delta: float) -> float:
 
 def plan_round(
     past: list[RoundEvents], n_train: int, batch_size: int, epochs: float, meta_noise_multiplier: float,
-    epsilon_total: float, delta: float, round_epsilon: float | None = None,
+    epsilon_total: float, delta: float, round_epsilon: float | None = None, rounds_left: int = 1,
 ) -> Plan:
-    """The smallest sigma (best utility) so that every past round plus this one stays within
-    ``epsilon_total`` (and this round adds at most ``round_epsilon`` when given); the planned steps are
-    halved while even SIGMA_MAX does not fit. BudgetExhausted when nothing fits."""
+    """The smallest sigma (best utility) so that every past round plus ``rounds_left`` rounds like this
+    one stay within ``epsilon_total`` (the federation's plan splits the lifetime budget evenly over its
+    rounds: each clinic spends alike, and the last planned round ends exactly at the budget); with
+    ``round_epsilon`` this round alone adds at most that. The planned steps are halved while even
+    SIGMA_MAX does not fit. BudgetExhausted when nothing fits."""
+    if rounds_left < 1:
+        raise ValueError(f"rounds_left must be >= 1, got {rounds_left}")
+    if past and round_epsilon is None:
+        # The plan's own rounds, made afresh for the whole participation: when every past round was
+        # one of them (a clinic whose cases did not change), this round is too, and the last planned
+        # round ends at the budget exactly; otherwise the rounds left share what is left.
+        whole = _plan([], n_train, batch_size, epochs, meta_noise_multiplier, epsilon_total, delta, None, len(past) + rounds_left)
+        if all(e == whole.events for e in past):
+            return Plan(whole.events, epsilon(past, delta), epsilon([*past, whole.events], delta))
+    return _plan(past, n_train, batch_size, epochs, meta_noise_multiplier, epsilon_total, delta, round_epsilon, rounds_left)
+
+
+def _plan(past: list[RoundEvents], n_train: int, batch_size: int, epochs: float, meta_noise_multiplier: float,
+          epsilon_total: float, delta: float, round_epsilon: float | None, rounds_left: int) -> Plan:
     before = epsilon(past, delta)
     left = epsilon_total - before
     if left <= 1e-3:
         raise BudgetExhausted(f"privacy budget spent: epsilon {before:.4f} of {epsilon_total:g} used (delta {delta:g})")
     per_round = round_epsilon is not None and round_epsilon < left  # the round's cap binds, not the budget
     target = before + round_epsilon if per_round else epsilon_total
+    ahead = 1 if per_round else rounds_left  # rounds this plan must leave room for, this one included
     if per_round:
         too_small = (f"the round's epsilon cap ({round_epsilon:g}, --round-epsilon) is too small for a round: one step at the "
                      f"largest noise (sigma {SIGMA_MAX:g}) with the metadata release costs more; raise it "
@@ -112,10 +132,12 @@ def plan_round(
         raise BudgetExhausted(too_small)
     q = min(1.0, batch_size / max(n_train, 1))
     steps = max(1, math.ceil(epochs / q))
-    meta_noise_multiplier = meta_noise_for(meta_noise_multiplier, META_SHARE * (target - before), delta)
+    # `ahead` Gaussian releases at z compose exactly to one at z / sqrt(ahead) (Gaussian RDP)
+    root = math.sqrt(ahead)
+    meta_noise_multiplier = root * meta_noise_for(meta_noise_multiplier / root, META_SHARE * (target - before), delta)
 
     def eps_with(sigma: float, steps: int) -> float:
-        return epsilon([*past, RoundEvents(q, sigma, steps, meta_noise_multiplier)], delta)
+        return epsilon([*past, *[RoundEvents(q, sigma, steps, meta_noise_multiplier)] * ahead], delta)
 
     while eps_with(SIGMA_MAX, steps) > target:
         if steps == 1:

@@ -117,11 +117,15 @@ class Client:
         return self.state.current_version()
 
     def pull(self, version: int) -> Bundle:
-        """Download version ``version`` (files we already hold are copied), verify it, install it."""
+        """Download version ``version`` (files we already hold are copied), verify it, install it
+        under bundles/vN. It goes live only through ``activate`` (sync scores it first)."""
         folder = self.state.version_dir(version)
         cur = self.current()
-        if cur and cur[0] == version and folder.is_dir():
-            return load_bundle(folder, self.server_key)
+        if folder.is_dir() and (folder / MANIFEST).is_file():
+            try:
+                return load_bundle(folder, self.server_key)
+            except BundleError:
+                shutil.rmtree(folder, ignore_errors=True)  # damaged on disk: fetched again below
         resp = self.request("GET", f"/v1/bundle/{version}/manifest.json")
         if resp.status_code != 200:
             raise Refused(f"cannot fetch version {version}: HTTP {resp.status_code}: {reason(resp)}")
@@ -160,12 +164,18 @@ class Client:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        return load_bundle(folder, self.server_key)
+
+    def activate(self, version: int) -> None:
+        """Make an installed version the one in use; the one before it and the newest pulled stay, older ones go."""
+        cur = self.current()
+        folder = self.state.version_dir(version)
         self.state.set_current_version(version, folder)
-        keep = {folder.name, cur[1].name if cur else ""}
-        for old_folder in self.state.bundles_dir.glob("v*"):  # the new version and the one before it stay
+        newest = max((int(f.name[1:]) for f in self.state.bundles_dir.glob("v*") if f.name[1:].isdigit()), default=version)
+        keep = {folder.name, cur[1].name if cur else "", f"v{newest}"}
+        for old_folder in self.state.bundles_dir.glob("v*"):
             if old_folder.is_dir() and old_folder.name not in keep:
                 shutil.rmtree(old_folder, ignore_errors=True)
-        return load_bundle(folder, self.server_key)
 
     # ------------------------------------------------------------ updates
 
