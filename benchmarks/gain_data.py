@@ -2,12 +2,8 @@
 from the bundle's training cohort, each case embedded once by the bundle's own encoders (the
 clinic's EdgeModel), cached on disk per seed so that every method is scored on the same cases.
 
-The deployment population is fixed here, before any method is compared. It is centred on the
-shifted site of ``benchmarks/finetune_utility.py`` (the project's established "new site"): an older,
-noisier scanner generation (CT scale 1.1-1.3, offset +40 HU +- 20, noise 10-20 HU), a different
-stain protocol (shift (25, -20, 15) +- 10 per channel), stronger genomics batch effects (sd 0.5-0.9),
-lower prevalence than the hospital cohort (10-30 %: primary care) and modalities missing at random
-(0-50 % each). Every clinic draws its own profile: a shared systematic shift plus its own.
+The deployment population (``edge_runtime.synthetic.deployment_site``, also behind `edge-export
+synth --clinic-site`) was fixed before any method was compared.
 """
 
 from __future__ import annotations
@@ -19,7 +15,6 @@ from pathlib import Path
 import numpy as np
 
 CASE_BASE = 6_000_000  # case indices of this benchmark (training cohorts, demo and other benchmarks use others)
-SITE_BASE = 1_000  # site indices (they seed the genomics batch effect): one per clinic and seed
 MAX_CLINICS = 64
 MAX_CASES = 1_000  # per clinic: labelled cases first, held-out test cases after them
 
@@ -35,25 +30,6 @@ class Layout:
             raise ValueError(f"layout out of range: {self}")
 
 
-def deployment_site(seed: int, clinic: int):
-    from edge_runtime.synthetic import SiteProfile
-
-    rng = np.random.default_rng([seed, 17, clinic])
-    return SiteProfile(
-        prevalence=float(rng.uniform(0.10, 0.30)),
-        ct_scale=float(rng.uniform(1.1, 1.3)),
-        ct_offset_hu=float(rng.normal(40.0, 20.0)),
-        ct_noise_hu=float(rng.uniform(10.0, 20.0)),
-        stain_shift=tuple(float(x) for x in np.array([25.0, -20.0, 15.0]) + rng.normal(0.0, 10.0, 3)),
-        batch_sd=float(rng.uniform(0.5, 0.9)),
-        p_missing=tuple(float(x) for x in rng.uniform(0.0, 0.5, 3)),
-    )
-
-
-def site_index(seed: int, clinic: int) -> int:
-    return SITE_BASE + seed * MAX_CLINICS + clinic
-
-
 def first_case(seed: int, clinic: int) -> int:
     return CASE_BASE + (seed * MAX_CLINICS + clinic) * MAX_CASES
 
@@ -63,9 +39,7 @@ def _cohort(bundle):
 
     pre, syn = bundle.preprocessing, bundle.manifest["synthetic"]
     spec = InputSpec(ct_grid=pre.ct.grid, tile=pre.pathology.tile, n_genes=len(pre.genomics.genes))
-    cohort = SyntheticCohort(SynthConfig(seed=int(syn["seed"]), n_sites=int(syn["n_sites"]), spec=spec))
-    cohort.sites = dict(enumerate(cohort.sites))  # the training sites, then one new site per clinic
-    return cohort
+    return SyntheticCohort(SynthConfig(seed=int(syn["seed"]), n_sites=int(syn["n_sites"]), spec=spec))
 
 
 _WORKER: dict = {}
@@ -88,8 +62,7 @@ def _embed_clinic(job: tuple[int, int, int]) -> tuple[np.ndarray, ...]:
 
     seed, clinic, count = job
     bundle, model, cohort = _WORKER["bundle"], _WORKER["model"], _WORKER["cohort"]
-    site = site_index(seed, clinic)
-    cohort.sites[site] = deployment_site(seed, clinic)
+    site = cohort.add_deployment_site(seed, clinic)
     dim = model.dim
     emb = np.zeros((count, len(MODALITIES), dim), np.float32)
     mask = np.zeros((count, len(MODALITIES)), np.uint8)

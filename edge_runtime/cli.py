@@ -10,7 +10,7 @@ import click
 
 from .bundle import Bundle
 from .cliutil import handle_errors
-from .errors import BadInput, BundleError
+from .errors import BadInput, BudgetSpent, BundleError
 from .fsutil import sweep_temps
 from .manifest import load_case, read_manifest
 from .profiling import profile, profile_cases
@@ -473,11 +473,16 @@ def sync(state_dir: Path, url: str | None, manifest: Path | None, epsilon: float
         if made is not None:
             report["finetune"] = f"skipped (update {made.stem} was made on this version already; queued, no new privacy cost)"
         else:
-            ft = run_finetune(bundle, cases, state, opts)
-            made = Path(ft["update"])
-            report["finetune"] = {"update_id": ft["update_id"], "validation": ft["validation"], "privacy": ft["privacy"]}
-        client.queue(made, int(rnd["id"]), int(status["version"]))
-        report["uploads"] += client.upload_pending()
+            try:
+                ft = run_finetune(bundle, cases, state, opts)
+            except BudgetSpent as exc:  # the clinic keeps pulling and scoring versions; it sends nothing more
+                ft, report["finetune"] = None, f"skipped ({exc})"
+            if ft is not None:
+                made = Path(ft["update"])
+                report["finetune"] = {"update_id": ft["update_id"], "validation": ft["validation"], "privacy": ft["privacy"]}
+        if made is not None:
+            client.queue(made, int(rnd["id"]), int(status["version"]))
+            report["uploads"] += client.upload_pending()
     refused = [u for u in report["uploads"] if u.get("status") == "refused"]
     if as_json:
         click.echo(json.dumps(report, indent=2))

@@ -15,3 +15,7 @@ class Refused(BadInput):
     """A well-formed request we refuse: privacy budget spent, nothing to roll back. CLI exit code 1."""
 
     exit_code = 1
+
+
+class BudgetSpent(Refused):
+    """No fine-tuning round fits what is left of the privacy budget (sync goes on without one)."""

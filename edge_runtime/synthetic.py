@@ -123,6 +123,28 @@ def site_profiles(config: SynthConfig) -> list[SiteProfile]:
     return profiles
 
 
+DEPLOYMENT_SITE_BASE, DEPLOYMENT_CLINICS = 1_000, 64  # site indices of deployment clinics: one per (seed, clinic)
+
+
+def deployment_site(seed: int, clinic: int) -> SiteProfile:
+    """A primary-care clinic of the deployment population (benchmarks/federation_gain.py, the
+    federation demo), fixed before any method was compared. Centred on the shifted site of
+    benchmarks/finetune_utility.py: an older, noisier scanner generation (CT scale 1.1-1.3, offset
+    +40 HU +- 20, noise 10-20 HU), another stain protocol (shift (25, -20, 15) +- 10 per channel),
+    stronger genomics batch effects (sd 0.5-0.9), lower prevalence than the hospital cohort (10-30 %)
+    and modalities missing at random (0-50 % each): a shared shift plus each clinic's own."""
+    rng = np.random.default_rng([seed, 17, clinic])
+    return SiteProfile(
+        prevalence=float(rng.uniform(0.10, 0.30)),
+        ct_scale=float(rng.uniform(1.1, 1.3)),
+        ct_offset_hu=float(rng.normal(40.0, 20.0)),
+        ct_noise_hu=float(rng.uniform(10.0, 20.0)),
+        stain_shift=tuple(float(x) for x in np.array([25.0, -20.0, 15.0]) + rng.normal(0.0, 10.0, 3)),
+        batch_sd=float(rng.uniform(0.5, 0.9)),
+        p_missing=tuple(float(x) for x in rng.uniform(0.0, 0.5, 3)),
+    )
+
+
 def _prevalence(rng: np.random.Generator, alpha: float | None) -> float:
     if alpha is None:
         return float(rng.uniform(0.25, 0.6))
@@ -173,6 +195,15 @@ class SyntheticCohort:
             raise BadInput(f"n_sites must be >= 1, got {self.config.n_sites}")
         self.sites = site_profiles(self.config)
         self._genes = _gene_table(self.config)
+
+    def add_deployment_site(self, seed: int, clinic: int) -> int:
+        """Make deployment clinic ``clinic`` of draw ``seed`` (deployment_site) a site of this cohort;
+        its site index, which also seeds its own genomics batch effect."""
+        index = DEPLOYMENT_SITE_BASE + seed * DEPLOYMENT_CLINICS + clinic
+        if not isinstance(self.sites, dict):
+            self.sites = dict(enumerate(self.sites))
+        self.sites[index] = deployment_site(seed, clinic)
+        return index
 
     def draws(self, index: int, site: int | None = None) -> tuple[int, int, float, np.ndarray, np.ndarray]:
         """(site, label, latent u, per-modality signal f, present mask) of case ``index``: what the case is

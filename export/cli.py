@@ -373,8 +373,11 @@ def _teacher_stage(work: Path, config_name: str, seed: int, threads: int, device
 @click.option("--ct-format", default="dicom", show_default=True, type=click.Choice(["dicom", "nifti"]), help="How CT is written.")
 @click.option("--site", default=None, type=click.IntRange(min=0),
               help="Draw every case from this one site of the cohort (0 .. --sites - 1), e.g. one clinic's data [default: all sites].")
+@click.option("--clinic-site", default=None, type=click.IntRange(0, 63),
+              help="Cases of deployment clinic K: a primary-care site shifted from the training cohort (synthetic.deployment_site).")
 @handle_errors
-def synth(out: Path, cases: int, sites: int, seed: int, config_name: str, start: int, ct_format: str, site: int | None) -> None:
+def synth(out: Path, cases: int, sites: int, seed: int, config_name: str, start: int, ct_format: str, site: int | None,
+          clinic_site: int | None) -> None:
     """Write synthetic cases as real files (DICOM series / NIfTI, PNG tiles, CSV expression) + manifest."""
     from edge_runtime.synthetic import SynthConfig, SyntheticCohort
 
@@ -385,7 +388,11 @@ def synth(out: Path, cases: int, sites: int, seed: int, config_name: str, start:
         raise BadInput(f"{out}: exists and is not a directory")
     if site is not None and site >= sites:
         raise BadInput(f"--site {site} does not exist: the cohort has sites 0 .. {sites - 1}")
+    if site is not None and clinic_site is not None:
+        raise BadInput("give --site (a site of the training cohort) or --clinic-site (a deployment clinic), not both")
     cohort = SyntheticCohort(SynthConfig(seed=seed, n_sites=sites, spec=cfg.input))
+    if clinic_site is not None:
+        site = cohort.add_deployment_site(0, clinic_site)
     manifest = write_cohort(cohort, out, start, cases, list(cfg.classes), ct_format, site)
     click.echo(f"wrote {cases} cases and {manifest}")
 

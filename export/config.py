@@ -103,6 +103,9 @@ FULL = PipelineConfig(
 # Smoke tests only: small inputs and few cases, seconds on 2 cores. Accuracy is not its point.
 MICRO = PipelineConfig(
     name="micro",
+    # the rule before plans (every head parameter, one round): the suite's server, fault and soak tests
+    # send whole-head updates; tests/test_federation_gain.py signs the shipped plan into a copy
+    finetune=FinetunePlan(),
     input=InputSpec(ct_grid=(8, 32, 32), tile=32, n_genes=64),
     model=replace(TINY.model, dim=16, teacher_gen=(32, 16), student_gen=16),
     train=TrainConfig(

@@ -48,7 +48,11 @@ def test_plan_with_changing_cases_still_ends_within_the_budget():
     assert 0.499 <= one.epsilon_after <= 0.5 and one.events.noise_multiplier < rounds[0].noise_multiplier
 
 
-def test_plan_checks_its_settings():
+def test_plan_checks_its_settings(micro_out):
+    from export.config import get_config
+
+    assert get_config("tiny").finetune == FEDERATED_PLAN, "the demo's bundle carries the shipped plan"
+    assert json.loads((micro_out / "bundle" / MANIFEST).read_text())["finetune"] == get_config("micro").finetune.to_dict()
     assert FinetunePlan.from_dict(FEDERATED_PLAN.to_dict()) == FEDERATED_PLAN
     for bad, needle in [({"trainable": "adapters"}, "trainable"), ({"rounds": 0}, "rounds"), ({"optimizer": "lbfgs"}, "optimizer"),
                         ({"lr": -1.0}, "lr"), ({"colour": 1}, "unknown")]:
@@ -114,9 +118,9 @@ def test_a_simulated_round_equals_a_round_through_the_server(tmp_path, micro_out
     from server.service import Server
     from server.simulation import SimClinic, clinic_round, server_round
 
-    home = tmp_path / "srv"
+    home, planned = tmp_path / "srv", _resigned(micro_out, tmp_path / "planned" / "bundle")
     assert edge_server("init", "--home", str(home), "--min-clients", "3").returncode == 0
-    assert edge_server("publish", "--home", str(home), str(micro_out / "bundle")).returncode == 0
+    assert edge_server("publish", "--home", str(home), str(planned), "--trusted-key", str(planned.parent / "bundle.pub")).returncode == 0
     srv = ServerProcess(home, None).start()
     seeds = {name: 40 + i for i, name in enumerate(CLINICS)}
     try:
@@ -136,7 +140,7 @@ def test_a_simulated_round_equals_a_round_through_the_server(tmp_path, micro_out
     bundle = load_bundle(tmp_path / "north" / "bundles" / "v1", load_public_key(tmp_path / "north" / "sync" / "server.pub"))
     start = bundle_head(bundle)[0]
     plan = FinetunePlan.of_manifest(bundle.manifest)
-    assert plan == FEDERATED_PLAN, "the export writes the federation's plan into the bundle"
+    assert plan == FEDERATED_PLAN, "the plan travels with every version"
     variant, _ = resolve_variant(bundle, None, None)
     model = EdgeModel.from_bundle(bundle, variant, threads=2)
     updates = []
@@ -160,27 +164,30 @@ def test_a_simulated_round_equals_a_round_through_the_server(tmp_path, micro_out
     assert frozen and all(np.array_equal(published[k], start[k]) for k in frozen), "parameters outside the plan stay"
 
 
-def _bad_bundle(micro_out, dest):
-    """The micro bundle with its classifier turned around (AUC about 1 - AUC), re-signed by its exporter."""
+def _resigned(micro_out, dest, *, plan: FinetunePlan = FEDERATED_PLAN, flip: bool = False, model_version: str = "1"):
+    """A copy of the micro bundle with ``plan`` signed in by its exporter (the micro config keeps the
+    rule before plans for the other tests); ``flip``: its classifier turned around (AUC ~ 1 - AUC)."""
     src = micro_out / "bundle"
     manifest = json.loads((src / MANIFEST).read_text())
-    head = dict(np.load(src / "head.npz"))
-    head["classifier.weight"] = -head["classifier.weight"]
-    head["classifier.bias"] = -head["classifier.bias"]
     dest.parent.mkdir(parents=True, exist_ok=True)
-    npz = dest.parent / "head-bad.npz"
-    npz.write_bytes(params_bytes(head))
-    files = {name: (npz if name == "head.npz" else src / name) for name in manifest["files"]}
+    files = {name: src / name for name in manifest["files"]}
+    if flip:
+        head = dict(np.load(src / "head.npz"))
+        head = {**head, "classifier.weight": -head["classifier.weight"], "classifier.bias": -head["classifier.bias"]}
+        files["head.npz"] = dest.parent / "head-flipped.npz"
+        files["head.npz"].write_bytes(params_bytes(head))
     body = {k: v for k, v in manifest.items() if k not in ("signature", "files", "format_version")}
-    write_bundle(dest, files, {**body, "model_version": "1-bad"}, load_private_key(micro_out / "signing_key.pem"))
+    write_bundle(dest, files, {**body, "model_version": model_version, "finetune": plan.to_dict()},
+                 load_private_key(micro_out / "signing_key.pem"))
     shutil.copy(micro_out / "bundle.pub", dest.parent / "bundle.pub")
     return dest
 
 
 def test_a_regressing_version_is_held_back_and_status_says_so(tmp_path, micro_out, manifests):  # noqa: F811
-    home, state = tmp_path / "srv", tmp_path / "state"
+    home, state, planned = tmp_path / "srv", tmp_path / "state", _resigned(micro_out, tmp_path / "planned" / "bundle")
+    publish = ["publish", "--home", str(home), str(planned), "--trusted-key", str(planned.parent / "bundle.pub")]
     assert edge_server("init", "--home", str(home), "--min-clients", "1").returncode == 0
-    assert edge_server("publish", "--home", str(home), str(micro_out / "bundle")).returncode == 0
+    assert edge_server(*publish).returncode == 0
     srv = ServerProcess(home, None).start()
     try:
         token = edge_server("token", "--home", str(home), "--clinic", "solo").stdout.strip()
@@ -191,7 +198,7 @@ def test_a_regressing_version_is_held_back_and_status_says_so(tmp_path, micro_ou
         assert act["status"] == "active" and act["scored"] and act["version"] == 1
         _wait_closed(home, 1)  # the clinic's update made version 2
 
-        bad = _bad_bundle(micro_out, tmp_path / "bad" / "bundle")
+        bad = _resigned(micro_out, tmp_path / "bad" / "bundle", flip=True, model_version="1-bad")
         assert edge_server("publish", "--home", str(home), str(bad), "--trusted-key", str(bad.parent / "bundle.pub")).returncode == 0
         proc = edge_run("sync", "--state", str(state), "--manifest", str(manifests["north"]), "--seed", "6", "--json")
         assert proc.returncode == 0, proc.stderr
@@ -210,9 +217,9 @@ def test_a_regressing_version_is_held_back_and_status_says_so(tmp_path, micro_ou
         assert "version 3 (1-bad): held back, local validation AUC" in text
 
         # the clinic still took part in the round on version 3 (its base), which made version 4; then a
-        # good version (the original bundle, republished as version 5) goes live
+        # good version (the first bundle, republished as version 5) goes live
         _wait_version(home, 4)
-        assert edge_server("publish", "--home", str(home), str(micro_out / "bundle")).returncode == 0
+        assert edge_server(*publish).returncode == 0
         proc = edge_run("sync", "--state", str(state), "--manifest", str(manifests["north"]), "--seed", "7", "--json")
         act = json.loads(proc.stdout)["activation"]
         assert proc.returncode == 0 and act["status"] == "active" and act["version"] == 5, act

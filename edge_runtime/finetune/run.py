@@ -27,7 +27,7 @@ import numpy as np
 
 from .. import MODALITIES
 from ..bundle import Bundle
-from ..errors import BadInput, Refused
+from ..errors import BadInput, BudgetSpent
 from ..manifest import Manifest, load_case, parse_label
 from ..metrics import roc_auc
 from ..model import EdgeModel
@@ -289,7 +289,7 @@ def finetune(bundle: Bundle, manifest: Manifest, state: ClinicState, opts: Finet
     ledger = state.ledger(opts.dataset, epsilon_total=opts.epsilon, delta=opts.delta)  # its own budget and delta
     clinic, eps_total, delta_ = state.clinic_id, ledger.epsilon_total, ledger.delta
     if ledger.spent() >= eps_total - 1e-3:
-        raise Refused(f"privacy budget spent for dataset {opts.dataset!r}: epsilon {ledger.spent():.4f} of {eps_total:g} "
+        raise BudgetSpent(f"privacy budget spent for dataset {opts.dataset!r}: epsilon {ledger.spent():.4f} of {eps_total:g} "
                       f"(delta {delta_:g}); nothing trained, nothing sent")
 
     # 2-3. embeddings into the cache, the split
@@ -307,7 +307,7 @@ def finetune(bundle: Bundle, manifest: Manifest, state: ClinicState, opts: Finet
         budget = plan_round(ledger.rounds, len(tr_rows), plan.batch_size, plan.epochs, opts.meta_noise,
                             eps_total, delta_, opts.round_epsilon, rounds_left=max(1, plan.rounds - len(ledger.rounds)))
     except BudgetExhausted as exc:
-        raise Refused(f"{exc}; nothing trained, nothing sent") from exc
+        raise BudgetSpent(f"{exc}; nothing trained, nothing sent") from exc
     round_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
     ledger.open_head()  # first: a dataset registered without a ledger head was deleted, not interrupted
     state.register_dataset(opts.dataset)
