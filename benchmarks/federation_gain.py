@@ -52,7 +52,7 @@ def auc_of(params, emb, mask, labels) -> float:
 
 def run_seed(bundle_dir: Path, seed: int, *, clinics: list[int], cases: list[int], test: int, work: Path) -> dict:
     from edge_runtime.bundle import default_public_key_path, load_bundle
-    from edge_runtime.finetune.cache import encoder_key
+    from edge_runtime.finetune.cache import bundle_encoder_key
     from edge_runtime.finetune.plan import FinetunePlan
     from edge_runtime.keys import load_public_key
     from edge_runtime.metrics import roc_auc
@@ -64,8 +64,7 @@ def run_seed(bundle_dir: Path, seed: int, *, clinics: list[int], cases: list[int
     bundle = load_bundle(bundle_dir, load_public_key(default_public_key_path(bundle_dir)))
     start, _, _ = bundle_head(bundle)
     plan = FinetunePlan.of_manifest(bundle.manifest)
-    variant = bundle.manifest["default_variant"]
-    key = encoder_key(bundle.manifest, variant, {v["name"]: v["encoders"] for v in bundle.manifest["variants"]}[variant])
+    key = bundle_encoder_key(bundle.manifest, bundle.manifest["default_variant"])
     layout = Layout(max(clinics), max(cases), test)
     data = clinic_data(bundle_dir, key, seed, layout, work)
     config = Config()  # the server's shipped defaults: the head federation's strategy and bounds
@@ -87,14 +86,14 @@ def run_seed(bundle_dir: Path, seed: int, *, clinics: list[int], cases: list[int
         return test_auc(head, k), clinic.spent(DELTA)
 
     def federation(K: int, n: int, private: bool, tag: int) -> tuple[list[float], float, list[dict]]:
-        members, head, weights = [make(k, n) for k in range(K)], start, []
+        members, head, weights, kept = [make(k, n) for k in range(K)], start, [], None
         for r in range(plan.rounds):
             ups = []
             for k, c in enumerate(members):
                 delta, meta = clinic_round(c, head, plan, np.random.default_rng([seed, n, K, tag, r, k]), epsilon_total=EPSILON,
                                            delta=DELTA, private=private)
                 ups.append((c.name, delta, meta))
-            result = server_round(config, head, plan, ups)
+            result, kept = server_round(config, head, plan, ups, kept, ceiling=not private)
             head = {name: np.asarray(v, dtype=np.float32) for name, v in result.params.items()}
             weights.append(result.weights.get("shared", {}))
         spent = max(c.spent(DELTA) for c in members) if private else 0.0

@@ -70,6 +70,7 @@ class MemorySampler:
 
 def clinic_sync(state: Path, url: str, rng_seed: int) -> dict:
     """One clinic's sync: status, verified pull, an update for the open round, upload."""
+    from edge_runtime.finetune.plan import FinetunePlan
     from edge_runtime.state import ClinicState
     from edge_runtime.sync.client import Client, contributed
 
@@ -79,10 +80,12 @@ def clinic_sync(state: Path, url: str, rng_seed: int) -> dict:
         status = client.get_json("/v1/model")
         version, rnd = int(status["version"]), status.get("round") or {}
         bundle = client.pull(version)
+        client.activate(version)  # a soak clinic takes every version (no local scoring here)
         if rnd.get("state") == "open" and int(rnd.get("base_version", -1)) == version and contributed(state, int(rnd["id"])) is None:
             rng = np.random.default_rng(rng_seed)
-            with np.load(bundle.path(bundle.manifest["head"]["weights"])) as z:
-                delta = {k: (rng.normal(size=z[k].shape) * 0.01).astype(np.float32) for k in z.files}
+            plan = FinetunePlan.of_manifest(bundle.manifest)
+            with np.load(bundle.path(bundle.manifest["head"]["weights"])) as z:  # the plan's trainable parameters only
+                delta = {k: (rng.normal(size=z[k].shape) * 0.01).astype(np.float32) for k in plan.names(z.files)}
             update_id = f"{client.config.clinic}-r{rnd['id']}-{rng_seed}"
             meta = {"update_id": update_id, "n": int(rng.integers(50, 2000)), "val_loss": float(rng.uniform(0.4, 0.8)),
                     "modality_fraction": {m: float(rng.uniform(0.3, 1.0)) for m in ("ct", "pathology", "genomics")},

@@ -245,7 +245,8 @@ def _select(loaded: Bundle, state: ClinicState, *, threads: int, cases: int, mem
 @click.option("--epsilon", default=None, type=float, help=EPSILON_HELP)
 @click.option("--delta", default=None, type=float, help=DELTA_HELP)
 @click.option("--dataset", default="default", show_default=True, help="Dataset name: one privacy ledger per clinic and dataset.")
-@click.option("--round-epsilon", default=None, type=float, help="Spend at most this much in this round [default: all that is left].")
+@click.option("--round-epsilon", default=None, type=float,
+              help="Spend at most this much in this round [default: the plan's share of what is left, see --rounds].")
 @click.option("--rounds", default=None, type=click.IntRange(1, 1000), help=ROUNDS_HELP)
 @click.option("--epochs", default=None, type=float, help="Planned passes over the training cases per round [default: the bundle's plan].")
 @click.option("--batch-size", default=None, type=click.IntRange(1, 1_000_000), help="Expected (Poisson) batch size [default: the bundle's plan].")
@@ -423,7 +424,8 @@ def enroll(state_dir: Path, url: str, token: str, kem: str, as_json: bool) -> No
               help="Labelled case manifest: fine-tune on it when the open round has nothing from this clinic yet.")
 @click.option("--epsilon", default=None, type=float, help=EPSILON_HELP)
 @click.option("--delta", default=None, type=float, help=DELTA_HELP)
-@click.option("--round-epsilon", default=None, type=float, help="Spend at most this much per round [default: all that is left].")
+@click.option("--round-epsilon", default=None, type=float,
+              help="Spend at most this much per round [default: the plan's share of what is left, see --rounds].")
 @click.option("--dataset", default="default", show_default=True, help="Dataset name (one privacy ledger each).")
 @click.option("--rounds", default=None, type=click.IntRange(1, 1000), help=ROUNDS_HELP)
 @click.option("--epochs", default=None, type=float, help="Passes over the training cases per round [default: the bundle's plan].")

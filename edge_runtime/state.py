@@ -238,8 +238,10 @@ class ClinicState:
             if not isinstance(doc.get("versions"), list):
                 raise ValueError("no version list")
             return doc["versions"]
-        except (OSError, ValueError, AttributeError) as exc:
-            raise BadInput(f"{path}: unreadable ({exc})") from exc
+        except (OSError, ValueError, AttributeError):
+            # a record, not a control: set aside (kept for inspection) rather than stop every sync
+            path.replace(path.with_suffix(".json.unreadable"))
+            return []
 
     def record_version(self, entry: dict) -> None:
         """Add or replace the entry of ``entry["version"]`` (atomically)."""

@@ -41,7 +41,7 @@ edge_server publish --home "$HOME_SRV" "$OUT/bundle" --trusted-key "$OUT/bundle.
 echo "== edge-server serve on $URL (background; log in $FED/server.log)"
 "${EDGE_SERVER[@]}" serve --home "$HOME_SRV" --host 127.0.0.1 --port "$PORT" --tick 0.5 >"$FED/server.log" 2>&1 &
 SERVER_PID=$!
-trap 'kill "$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || true' EXIT
+trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true' EXIT  # the server and any clinic job still running
 "$CV/bin/python" - "$PORT" "$SERVER_PID" <<'EOF'
 import os, socket, sys, time
 port, pid = int(sys.argv[1]), int(sys.argv[2])
@@ -59,7 +59,11 @@ sys.exit("edge-server serve did not start")
 EOF
 
 CLINICS=(); for i in $(seq 1 "$K"); do CLINICS+=("$(printf 'c%02d' "$i")"); done
-ROUNDS="$("$CV/bin/python" -c 'import json, sys; print(json.load(open(sys.argv[1])).get("finetune", {}).get("rounds", 1))' "$OUT/bundle/manifest.json")"
+[ "$K" -ge 1 ] && [ "$K" -le 64 ] || { echo "K=$K: between 1 and 64 clinics (edge-export synth --clinic-site 0..63)" >&2; exit 2; }
+read -r ROUNDS EPOCHS < <("$CV/bin/python" -c '
+import json, sys
+plan = json.load(open(sys.argv[1])).get("finetune", {})
+print(plan.get("rounds", 1), plan.get("rounds", 1) * plan.get("epochs", 10.0))' "$OUT/bundle/manifest.json")
 two_at_a_time() {  # two_at_a_time FUNCTION ARGS...: FUNCTION CLINIC ARGS for every clinic, two at once
   local fn="$1" pids=() c
   shift
@@ -132,12 +136,12 @@ round_summary final
 LAST="$("$CV/bin/python" -c 'import json, sys; print(json.load(open(sys.argv[1]))["version"])' "$FED/logs/c01-rfinal.json")"
 edge_run status --state "$FED/clinics/c01"
 
-echo "== local-only DP fine-tuning at the same epsilon 0.5 (no federation; the whole budget in one round), for comparison"
+echo "== local-only DP fine-tuning at the same epsilon 0.5 and as many steps (no federation; one round of $EPOCHS epochs), for comparison"
 local_only() {
   local c="$1" st="$FED/local/$1"
   mkdir -p "$st" && cp -r "$FED/clinics/$c/cache" "$st/cache"  # the same PC's embedding cache
   edge_run finetune --bundle "$FED/v1/$c" --trusted-key "$FED/clinics/$c/sync/server.pub" --state "$st" \
-    --manifest "$FED/data/$c/train/manifest.csv" --rounds 1 --tolerance 1 --json >"$FED/logs/$c-local.json"
+    --manifest "$FED/data/$c/train/manifest.csv" --rounds 1 --epochs "$EPOCHS" --tolerance 1 --json >"$FED/logs/$c-local.json"
 }
 two_at_a_time local_only
 

@@ -184,8 +184,8 @@ def head_version(srv: Server, rnd, rows) -> Publication:
     """The head federation's new version: the aggregated head.npz in a copy of the base bundle."""
     base = srv.manifest(rnd.base_version)
     global_params = srv.head_params(rnd.base_version)
-    plan = FinetunePlan.of_manifest(base, f"version {rnd.base_version}")
-    strategy = srv.strategy_for(trainable_subset(global_params, plan), saved_state(srv, rnd.base_version))
+    plan, trained = srv.trainable_head(rnd.base_version)
+    strategy = srv.strategy_for(trained, saved_state(srv, rnd.base_version))
     result = aggregate_head(strategy, global_params, stored_updates(srv, rows), plan)
     report = aggregation_report(srv, result, strategy)
     weights_name = base["head"]["weights"]

@@ -286,6 +286,11 @@ class Server:
                 self._heads.pop(min(self._heads), None)
         return self._heads[version]
 
+    def trainable_head(self, version: int) -> tuple[FinetunePlan, dict[str, np.ndarray]]:
+        """The fine-tuning plan a version carries and its head's parameters that the plan trains."""
+        plan = FinetunePlan.of_manifest(self.manifest(version), f"version {version}")
+        return plan, trainable_subset(self.head_params(version), plan)
+
     def current_round(self, conn=None, federation: str = "head") -> dict | None:
         def q(c):
             row = c.execute(select(db.rounds).where(db.rounds.c.federation == federation)
@@ -424,9 +429,7 @@ class Server:
     def check_update(self, plain: bytes, env: protocol.Envelope) -> codec.Summary:
         """Decode and validate the opened update against the head it was trained on: names, shapes,
         finite values, metadata, the federation's bounds on what a clinic may claim; the summary aggregation needs (norm included), computed once here."""
-        # the plan's trainable parameters of the head it was trained on: nothing else may change
-        reference = trainable_subset(self.head_params(env.base_version),
-                                     FinetunePlan.of_manifest(self.manifest(env.base_version), f"version {env.base_version}"))
+        reference = self.trainable_head(env.base_version)[1]  # nothing outside the plan may change
         try:
             summary = codec.validate(codec.decode(plain, codec.size_limit(reference)), reference, env.update_id,
                                      bounds=self.bounds)

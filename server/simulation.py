@@ -53,7 +53,7 @@ def clinic_round(clinic: SimClinic, start: Params, plan: FinetunePlan, rng: np.r
     val = clinic.split(opts.val_fraction)
     tr, va = np.flatnonzero(~val), np.flatnonzero(val)
     budget = plan_round(clinic.rounds, len(tr), plan.batch_size, plan.epochs, opts.meta_noise, epsilon_total, delta,
-                        None, rounds_left=max(1, plan.rounds - len(clinic.rounds)))
+                        None, rounds_left=plan.rounds_left(len(clinic.rounds)))
     events = budget.events
     clinic.rounds.append(events)
     emb, mask, labels = clinic.emb, clinic.mask, clinic.labels
@@ -70,11 +70,15 @@ def clinic_round(clinic: SimClinic, start: Params, plan: FinetunePlan, rng: np.r
     return update_delta(new, start, plan), meta
 
 
-def server_round(config: Config, global_params: Params, plan: FinetunePlan, updates: list[tuple[str, Params, dict]]):
-    """The server's side of a round: each update encoded, decoded and checked as on arrival, then
-    aggregated by the configured strategy (no strategy state: a stateless strategy, or its first round)."""
+def server_round(config: Config, global_params: Params, plan: FinetunePlan, updates: list[tuple[str, Params, dict]],
+                 state: dict[str, np.ndarray] | None = None, *, ceiling: bool = False):
+    """The server's side of a round: each update encoded, decoded and checked as on arrival (the
+    federation's bounds; ``ceiling``: noise-free updates let through), then aggregated by the
+    configured strategy from ``state`` (what it kept after the round before, as the server saves it
+    with each version; None: the first round). The result and the strategy's new state."""
     reference = trainable_subset(global_params, plan)
-    bounds = codec.Bounds(max_n=config.max_n, min_noise_multiplier=0.0, max_abs=config.max_update_abs)
+    bounds = codec.Bounds(max_n=config.max_n, min_noise_multiplier=0.0 if ceiling else config.min_noise_multiplier,
+                          max_abs=config.max_update_abs)
     arrived = []
     for name, delta, meta in updates:
         update = codec.decode(codec.encode(delta, meta))
@@ -83,5 +87,6 @@ def server_round(config: Config, global_params: Params, plan: FinetunePlan, upda
                                                modality_fraction=summary.modality_fraction,
                                                noise_multiplier=summary.noise_multiplier),
                                     summary.norm, lambda d=update.delta: d))
-    strategy = configured_strategy(config, reference)
-    return aggregate_head(strategy, global_params, arrived, plan)
+    strategy = configured_strategy(config, reference, state)
+    result = aggregate_head(strategy, global_params, arrived, plan)
+    return result, strategy.state_dict()

@@ -48,6 +48,14 @@ def test_plan_with_changing_cases_still_ends_within_the_budget():
     assert 0.499 <= one.epsilon_after <= 0.5 and one.events.noise_multiplier < rounds[0].noise_multiplier
 
 
+def test_a_round_cap_limits_a_planned_round_and_never_raises_it():
+    share = plan_round([], 320, 1024, 3.0, 20.0, 0.5, 1e-5, rounds_left=10)
+    spent = share.epsilon_after
+    for cap in (spent / 2, spent * 2, 0.4):
+        capped = plan_round([], 320, 1024, 3.0, 20.0, 0.5, 1e-5, round_epsilon=cap, rounds_left=10)
+        assert capped.epsilon_after <= min(cap, spent) + 1e-9, cap
+
+
 def test_plan_checks_its_settings(micro_out):
     from export.config import get_config
 
@@ -122,20 +130,21 @@ def test_a_simulated_round_equals_a_round_through_the_server(tmp_path, micro_out
     assert edge_server("init", "--home", str(home), "--min-clients", "3").returncode == 0
     assert edge_server("publish", "--home", str(home), str(planned), "--trusted-key", str(planned.parent / "bundle.pub")).returncode == 0
     srv = ServerProcess(home, None).start()
-    seeds = {name: 40 + i for i, name in enumerate(CLINICS)}
+    seeds = {(name, rnd): 40 + 10 * rnd + i for i, name in enumerate(CLINICS) for rnd in (1, 2)}
     try:
         for name in CLINICS:
             token = edge_server("token", "--home", str(home), "--clinic", name).stdout.strip()
             assert edge_run("enroll", "--server", srv.url, "--token", token, "--state", str(tmp_path / name)).returncode == 0
-            proc = edge_run("sync", "--state", str(tmp_path / name), "--manifest", str(manifests[name]), "--seed", str(seeds[name]),
-                            "--json")
-            assert proc.returncode == 0, proc.stderr
-            assert json.loads(proc.stdout)["finetune"]["privacy"]["epsilon_spent"] < 0.5 / 2, "the plan's first of 10 rounds"
-        _wait_closed(home, 1)
+        for rnd in (1, 2):  # two rounds: the second starts from the first's head and the strategy's saved state
+            for name in CLINICS:
+                proc = edge_run("sync", "--state", str(tmp_path / name), "--manifest", str(manifests[name]),
+                                "--seed", str(seeds[name, rnd]), "--json")
+                assert proc.returncode == 0, proc.stderr
+                assert json.loads(proc.stdout)["finetune"]["privacy"]["epsilon_spent"] < 0.5 / 2, "the plan's first of 10 rounds"
+            _wait_closed(home, rnd)
     finally:
         srv.stop()
     server = Server(Home(home))
-    published = server.head_params(2)
 
     bundle = load_bundle(tmp_path / "north" / "bundles" / "v1", load_public_key(tmp_path / "north" / "sync" / "server.pub"))
     start = bundle_head(bundle)[0]
@@ -143,7 +152,7 @@ def test_a_simulated_round_equals_a_round_through_the_server(tmp_path, micro_out
     assert plan == FEDERATED_PLAN, "the plan travels with every version"
     variant, _ = resolve_variant(bundle, None, None)
     model = EdgeModel.from_bundle(bundle, variant, threads=2)
-    updates = []
+    clinics = {}
     for name in sorted(CLINICS):
         cases = read_manifest(manifests[name])
         labelled = check_labels(cases, bundle.classes)
@@ -152,14 +161,18 @@ def test_a_simulated_round_equals_a_round_through_the_server(tmp_path, micro_out
         assert not rejected
         emb, mask = cache.read(np.array([rows[c] for c in labelled.case_ids]))
         cache.close()
-        clinic = SimClinic(name, labelled.case_ids, emb, mask, labelled.labels)
-        delta, meta = clinic_round(clinic, start, plan, np.random.default_rng(seeds[name]))
-        updates.append((name, delta, meta))
-    simulated = server_round(server.config, start, plan, updates).params
-    assert set(simulated) == set(published)
-    diff = max(float(np.abs(simulated[k] - published[k]).max()) for k in published)
-    assert diff <= 1e-6, diff
-    assert max(float(np.abs(published[k] - start[k]).max()) for k in plan.names(start)) > 1e-3, "the round moved the head"
+        clinics[name] = SimClinic(name, labelled.case_ids, emb, mask, labelled.labels)
+    head, kept = start, None
+    for rnd, version in ((1, 2), (2, 3)):
+        updates = [(name, *clinic_round(c, head, plan, np.random.default_rng(seeds[name, rnd]))) for name, c in clinics.items()]
+        result, kept = server_round(server.config, head, plan, updates, kept)
+        published = server.head_params(version)
+        assert set(result.params) == set(published)
+        diff = max(float(np.abs(result.params[k] - published[k]).max()) for k in published)
+        assert diff <= 1e-6, (rnd, diff)
+        assert max(float(np.abs(published[k] - head[k]).max()) for k in plan.names(head)) > 1e-3, "the round moved the head"
+        head = {k: np.asarray(v, dtype=np.float32) for k, v in result.params.items()}
+    assert kept, "the default strategy keeps state across rounds (dwfl_mw's lambda): the simulation carries it"
     frozen = [k for k in start if k not in plan.names(start)]
     assert frozen and all(np.array_equal(published[k], start[k]) for k in frozen), "parameters outside the plan stay"
 

@@ -33,6 +33,11 @@ def encoder_key(bundle_manifest: dict, variant: str, encoder_files: dict[str, st
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
+def bundle_encoder_key(bundle_manifest: dict, variant: str) -> str:
+    """encoder_key of one of a bundle's encoder variants."""
+    return encoder_key(bundle_manifest, variant, {v["name"]: v["encoders"] for v in bundle_manifest["variants"]}[variant])
+
+
 def fingerprint(fields: list[str], folder: Path) -> str:
     """Manifest row values plus size and mtime of the files they name: a changed file is re-encoded."""
     parts = []

@@ -64,6 +64,10 @@ class FinetunePlan:
         prefixes = TRAINABLE[self.trainable]
         return sorted(n for n in params if not prefixes or n.startswith(prefixes))
 
+    def rounds_left(self, done: int) -> int:
+        """Rounds still planned, this one included, after ``done`` charged ones (past the plan: 1, all that is left)."""
+        return max(1, self.rounds - done)
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -37,7 +37,7 @@ from ..profiling import peak_rss_mb
 from ..progress import progress
 from ..state import ActiveHead, ClinicState, bundle_head, bundle_head_key
 from . import dpsgd
-from .cache import EmbeddingCache, encoder_key, fingerprint
+from .cache import EmbeddingCache, bundle_encoder_key, fingerprint
 from .head import Params, forward, losses, softmax
 from .plan import FinetunePlan
 
@@ -245,8 +245,7 @@ def local_split(bundle: Bundle, manifest: Manifest, state: ClinicState, opts: Fi
     (ClinicState.model_for), one case at a time; the stable per-case split (both classes in each part)."""
     start_params, dim, _ = bundle_head(bundle)
     model = state.model_for(bundle, opts.variant, opts.threads)
-    enc_files = {v["name"]: v["encoders"] for v in bundle.manifest["variants"]}[model.variant]
-    cache = EmbeddingCache(state.cache_dir, encoder_key(bundle.manifest, model.variant, enc_files), dim, len(MODALITIES), opts.cache_mb)
+    cache = EmbeddingCache(state.cache_dir, bundle_encoder_key(bundle.manifest, model.variant), dim, len(MODALITIES), opts.cache_mb)
     if cache.dim != int(start_params["classifier.weight"].shape[1]):
         raise BadInput(f"{cache.folder}: cache embeddings have dimension {cache.dim}, the bundle head expects {dim}")
     if len(labelled.case_ids) > cache.capacity:
@@ -305,7 +304,7 @@ def finetune(bundle: Bundle, manifest: Manifest, state: ClinicState, opts: Finet
     # 4. plan, charge (fsync), train
     try:
         budget = plan_round(ledger.rounds, len(tr_rows), plan.batch_size, plan.epochs, opts.meta_noise,
-                            eps_total, delta_, opts.round_epsilon, rounds_left=max(1, plan.rounds - len(ledger.rounds)))
+                            eps_total, delta_, opts.round_epsilon, rounds_left=plan.rounds_left(len(ledger.rounds)))
     except BudgetExhausted as exc:
         raise BudgetSpent(f"{exc}; nothing trained, nothing sent") from exc
     round_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"

@@ -102,6 +102,11 @@ def plan_round(
     SIGMA_MAX does not fit. BudgetExhausted when nothing fits."""
     if rounds_left < 1:
         raise ValueError(f"rounds_left must be >= 1, got {rounds_left}")
+    if round_epsilon is not None and rounds_left > 1:
+        # a cap limits a round, never raises it: the plan's own share when that is below the cap
+        shared = plan_round(past, n_train, batch_size, epochs, meta_noise_multiplier, epsilon_total, delta, None, rounds_left)
+        if shared.epsilon_after - shared.epsilon_before <= round_epsilon:
+            return shared
     if past and round_epsilon is None:
         # The plan's own rounds, made afresh for the whole participation: when every past round was
         # one of them (a clinic whose cases did not change), this round is too, and the last planned

@@ -12,14 +12,22 @@ from __future__ import annotations
 
 from ..bundle import Bundle, load_bundle
 from ..errors import BadInput
-from ..finetune.cache import encoder_key
+from ..finetune.cache import bundle_encoder_key
 from ..manifest import Manifest
 from ..state import ClinicState, bundle_head, now_utc
 
 
-def _encoders(bundle: Bundle) -> str:
+def _encoders(bundle: Bundle) -> dict:
+    """What the embeddings depend on, for every variant (the clinic may run any): same -> comparable."""
     m = bundle.manifest
-    return encoder_key(m, m["default_variant"], {v["name"]: v["encoders"] for v in m["variants"]}[m["default_variant"]])
+    return {v["name"]: bundle_encoder_key(m, v["name"]) for v in m["variants"]}
+
+
+def _settle(state: ClinicState, version: int) -> None:
+    """versions.json agrees with current.json: the version in use is the one active entry."""
+    for e in state.version_log():
+        if e.get("status") == "active" and int(e["version"]) != int(version):
+            state.record_version({**e, "status": "replaced"})
 
 
 def decide(client, bundle: Bundle, version: int, cases: Manifest | None, opts) -> dict:
@@ -31,7 +39,12 @@ def decide(client, bundle: Bundle, version: int, cases: Manifest | None, opts) -
     entry = {"version": int(version), "model_version": bundle.model_version, "pulled_utc": now_utc()}
     cur = state.current_version()
     if cur is not None and cur[0] == int(version):
-        return next((e for e in state.version_log() if e.get("version") == int(version)), {**entry, "status": "active"})
+        known = next((e for e in state.version_log() if e.get("version") == int(version)), None)
+        if known is None or known.get("status") != "active":  # a crash between current.json and versions.json
+            known = {**(known or entry), "status": "active"}
+            state.record_version(known)
+        _settle(state, version)
+        return known
     candidate = bundle_head(bundle)[0]
     in_use = load_bundle(cur[1], client.server_key) if cur is not None and cur[1].is_dir() else None
     if cases is None:
@@ -59,10 +72,10 @@ def decide(client, bundle: Bundle, version: int, cases: Manifest | None, opts) -
             else:
                 entry.update(status="active", reason="first version on this clinic" if in_use is None
                              else "encoders changed: not comparable with the version in use")
+    state.record_version(entry)  # first: a crash before current.json moves is settled by the next sync
     if entry["status"] == "active":
         client.activate(int(version))
-        for e in state.version_log():  # the version it replaces is now the one before
-            if e.get("status") == "active" and e["version"] != int(version):
-                state.record_version({**e, "status": "replaced"})
-    state.record_version(entry)
+        _settle(state, version)
+    else:
+        client.prune()  # held back: kept as the round's base; older held-back folders go
     return entry

@@ -120,7 +120,6 @@ class Client:
         """Download version ``version`` (files we already hold are copied), verify it, install it
         under bundles/vN. It goes live only through ``activate`` (sync scores it first)."""
         folder = self.state.version_dir(version)
-        cur = self.current()
         if folder.is_dir() and (folder / MANIFEST).is_file():
             try:
                 return load_bundle(folder, self.server_key)
@@ -137,10 +136,13 @@ class Client:
         except ValueError as exc:
             raise BundleError(f"server sent an unreadable manifest for version {version} ({exc})") from exc
         _verify_signature(manifest, Path(f"server version {version}"), self.server_key)  # before any download
-        local = {}
-        if cur:
-            old = json.loads((cur[1] / MANIFEST).read_text()) if (cur[1] / MANIFEST).exists() else {"files": {}}
-            local = {m["sha256"]: cur[1] / n for n, m in old["files"].items()}
+        local = {}  # files this clinic already holds, from every installed version (held-back ones too)
+        for have in sorted(self.state.bundles_dir.glob("v*")):
+            if (have / MANIFEST).is_file():
+                try:
+                    local.update({m["sha256"]: have / n for n, m in json.loads((have / MANIFEST).read_text())["files"].items()})
+                except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                    continue  # unreadable: its files are fetched instead
         tmp = temp_path(folder)
         try:
             with progress(f"model version {version}", len(manifest["files"])) as advance:
@@ -167,15 +169,23 @@ class Client:
         return load_bundle(folder, self.server_key)
 
     def activate(self, version: int) -> None:
-        """Make an installed version the one in use; the one before it and the newest pulled stay, older ones go."""
+        """Make an installed version the one in use (the one it replaces is kept for a rollback)."""
         cur = self.current()
-        folder = self.state.version_dir(version)
-        self.state.set_current_version(version, folder)
-        newest = max((int(f.name[1:]) for f in self.state.bundles_dir.glob("v*") if f.name[1:].isdigit()), default=version)
-        keep = {folder.name, cur[1].name if cur else "", f"v{newest}"}
-        for old_folder in self.state.bundles_dir.glob("v*"):
-            if old_folder.is_dir() and old_folder.name not in keep:
-                shutil.rmtree(old_folder, ignore_errors=True)
+        self.state.set_current_version(version, self.state.version_dir(version))
+        self.prune(previous=cur[0] if cur else None)
+
+    def prune(self, previous: int | None = None) -> None:
+        """Keep the version in use, the one it replaced (``previous``, else the last one versions.json
+        marks replaced) and the newest pulled (the base of the open round, even when held back); the
+        other folders go."""
+        cur = self.current()
+        if previous is None:
+            previous = max((int(e["version"]) for e in self.state.version_log() if e.get("status") == "replaced"), default=None)
+        installed = [int(f.name[1:]) for f in self.state.bundles_dir.glob("v*") if f.is_dir() and f.name[1:].isdigit()]
+        keep = {v for v in (cur[0] if cur else None, previous, max(installed, default=None)) if v is not None}
+        for v in installed:
+            if v not in keep:
+                shutil.rmtree(self.state.version_dir(v), ignore_errors=True)
 
     # ------------------------------------------------------------ updates
 
