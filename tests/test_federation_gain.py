@@ -239,5 +239,19 @@ def test_a_regressing_version_is_held_back_and_status_says_so(tmp_path, micro_ou
         assert json.loads((state / "bundles" / "current.json").read_text())["version"] == 5
         versions = {v["version"]: v["status"] for v in json.loads(edge_run("status", "--state", str(state), "--json").stdout)["versions"]}
         assert versions == {1: "replaced", 3: "held back", 5: "active"}
+        kept = sorted(f.name for f in (state / "bundles").glob("v*"))
+        assert kept == ["v1", "v5"], "the version in use and the one it replaced stay; the held-back one goes"
     finally:
         srv.stop()
+
+
+def test_an_unreadable_version_record_is_set_aside_not_fatal(tmp_path):
+    from edge_runtime.state import ClinicState
+
+    st = ClinicState(tmp_path / "state")
+    st.versions_file.parent.mkdir(parents=True)
+    st.versions_file.write_text("{not json")
+    assert st.version_log() == []
+    assert st.versions_file.with_suffix(".json.unreadable").read_text() == "{not json"
+    st.record_version({"version": 2, "status": "active"})
+    assert st.version_log() == [{"version": 2, "status": "active"}]
