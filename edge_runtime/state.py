@@ -10,8 +10,9 @@
     STATE/sync/                       enrollment: clinic_ed25519.pem, server.json, server.pub (the pinned
                                       server key), pending/ID.json and sent/ID.json (uploads)
     STATE/bundles/vN/, current.json   verified global model versions pulled from the server; current.json
-                                      names the one in use, versions.json each pulled version's local
-                                      validation AUC and whether it went live or was held back
+                                      names the one in use
+    STATE/versions.json               each pulled version's local validation AUC and whether it went
+                                      live, was replaced or was held back (edge_runtime.sync.activation)
 
 Every file is written atomically (temporary name, fsync, rename); heads.json is replaced last, so a
 crash leaves the previous active head in force. Default folder: $EDGE_RUN_STATE or ~/.dwfl-edge.
@@ -100,7 +101,7 @@ class ClinicState:
     pending_dir = property(lambda self: self.sync_dir / "pending")
     sent_dir = property(lambda self: self.sync_dir / "sent")
     bundles_dir = property(lambda self: self.root / "bundles")
-    versions_file = property(lambda self: self.root / "bundles" / "versions.json")
+    versions_file = property(lambda self: self.root / "versions.json")  # beside bundles/, whose v* are versions
 
     def version_dir(self, version: int) -> Path:
         return self.bundles_dir / f"v{int(version)}"

@@ -119,6 +119,7 @@ def arm(role: str) -> None:
 
         httpx.Client.send = _around("http", lambda self, req, **k: f"{req.method} {req.url.path}")(httpx.Client.send)
         client.Client.pull = in_phase("swap")(client.Client.pull)
+        client.Client.activate = in_phase("swap")(client.Client.activate)  # the pulled version made current (after scoring)
         client.Client.upload_pending = in_phase("upload")(client.Client.upload_pending)
         run.finetune = in_phase("finetune")(run.finetune)
     elif role == "server":

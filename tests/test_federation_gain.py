@@ -249,7 +249,7 @@ def test_an_unreadable_version_record_is_set_aside_not_fatal(tmp_path):
     from edge_runtime.state import ClinicState
 
     st = ClinicState(tmp_path / "state")
-    st.versions_file.parent.mkdir(parents=True)
+    st.root.mkdir(parents=True)
     st.versions_file.write_text("{not json")
     assert st.version_log() == []
     assert st.versions_file.with_suffix(".json.unreadable").read_text() == "{not json"

@@ -1,7 +1,7 @@
 """Whether a pulled global version goes live on this clinic (``edge-run sync``): it is scored on the
 clinic's local validation split (the cases fine-tuning holds out) before it replaces the version in
 use, and kept aside when its AUC falls below the head in use by more than the tolerance. The
-decision and both AUCs go to STATE/bundles/versions.json (``edge-run status`` lists them).
+decision and both AUCs go to STATE/versions.json (``edge-run status`` lists them).
 
 The head in use is the current version's active head: the clinic's own fine-tuned head when one is
 live for it, else the version's global head. Without labelled cases there is nothing to score on:
